@@ -1,0 +1,1 @@
+"""corom-onnx exporter: PyTorch BERT encoder -> ONNX variants, each proven against the reference."""

@@ -1,0 +1,143 @@
+"""`corom export`: checkpoint -> artifact folder with the fp32, opt, fp16 and int8 variants."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnxruntime.transformers.onnx_model import OnnxModel
+
+from corom_runtime.artifact import sha256_file
+from corom_runtime.errors import CoromError, PresetError
+from corom_runtime.presets import Preset, list_presets, load_preset
+
+from . import graph, int8, optimize
+from .manifest import add_variant, new_manifest, write_manifest
+from .reference import build_reference
+from .sources import Checkpoint, resolve
+from .tokenizer import build_tokenizer
+
+log = logging.getLogger(__name__)
+
+FILES = {"fp32": "model.fp32.onnx", "opt": "model.opt.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    pooling: str | None = None  # None: the preset's, else what the checkpoint declares, else cls
+    normalize: bool | None = None
+    score: str | None = None
+    max_length: int | None = None
+    int8_recipe: str = "attention"
+    int8_static: bool = False
+    force: bool = False
+
+
+def settings_for(model: str, options: ExportOptions) -> tuple[Preset, str | None, Checkpoint]:
+    """Preset (with the options applied), preset name (None for a folder) and checkpoint of `model`."""
+    if model in list_presets():
+        preset, name = load_preset(model), model
+        checkpoint = resolve(preset.source)
+    elif Path(model).exists() or "/" in model or model.startswith(("bundled:", "modelscope:")):
+        checkpoint, name = resolve(model), None
+        pooling, normalize = checkpoint.pooling_hint() or ("cls", False)
+        preset = Preset(name=checkpoint.folder.name, source=model, pooling=pooling, normalize=normalize,
+                        score="cosine" if normalize else "dot", max_length=128,
+                        max_length_limit=int(checkpoint.config.get("max_position_embeddings", 512)))
+    else:
+        raise PresetError(f"unknown preset {model!r}; known presets: {', '.join(list_presets())}. "
+                          "Pass one of them, or a checkpoint folder.")
+    overrides = {k: v for k, v in (("pooling", options.pooling), ("normalize", options.normalize),
+                                   ("score", options.score), ("max_length", options.max_length)) if v is not None}
+    if overrides:
+        preset = Preset(**{**preset.to_dict(), **overrides})
+    return preset, name, checkpoint
+
+
+def _step(n: int, total: int, text: str) -> float:
+    log.info("[%d/%d] %s", n, total, text)
+    print(f"[{n}/{total}] {text}", flush=True)
+    return time.perf_counter()
+
+
+def export_artifact(model: str, out: Path, options: ExportOptions = ExportOptions()) -> Path:
+    """Export every variant into `out` (written to a temporary folder, then moved into place).
+
+    Returns `out`. The variants are not marked passed: run `verify_artifact` (as `corom export` does).
+    """
+    out = Path(out)
+    if out.exists() and not options.force:
+        raise CoromError(f"{out} already exists; pass --force to replace it, or choose another --out")
+    preset, preset_name, checkpoint = settings_for(model, options)
+    total = 6
+    _step(1, total, f"loading {checkpoint.source} ({checkpoint.layout} layout)")
+    encoder = build_reference(checkpoint, preset.pooling, preset.normalize)
+    config = checkpoint.config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tokenizer = build_tokenizer(checkpoint, preset.max_length)
+        tokenizer.save(str(work / "tokenizer.json"))
+        manifest = new_manifest(
+            name=preset.name, source=preset.source if preset_name else str(checkpoint.folder.resolve()),
+            preset=preset_name, config=config, pooling=preset.pooling, normalize=preset.normalize,
+            score=preset.score, max_length=preset.max_length, lowercase=checkpoint.do_lower_case,
+            extra={"int8_recipe": options.int8_recipe, "int8_static": options.int8_static,
+                   "checkpoint_layout": checkpoint.layout},
+        )
+        manifest["tokenizer"]["sha256"] = sha256_file(work / "tokenizer.json")
+
+        t = _step(2, total, "exporting the plain fp32 graph (pooling inside, dynamic axes)")
+        graph.export_plain(encoder, work / FILES["fp32"])
+        add_variant(manifest, work, "fp32", FILES["fp32"])
+        log.info("fp32 export took %.1fs", time.perf_counter() - t)
+
+        _step(3, total, "fusing for ONNX Runtime (Attention, SkipLayerNorm, BiasGelu)")
+        heads, hidden, layers = config["num_attention_heads"], config["hidden_size"], config["num_hidden_layers"]
+        fused = optimize.fuse(work / FILES["fp32"], heads, hidden, layers)
+        manifest["export"]["fusions"] = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
+        fused.save_model_to_file(str(work / FILES["opt"]))
+        add_variant(manifest, work, "opt", FILES["opt"])
+
+        _step(4, total, "converting to fp16 (LayerNorm, Softmax and pooling kept fp32)")
+        optimize.write_fp16(OnnxModel(onnx.load(str(work / FILES["opt"]))), work / FILES["fp16"])
+        add_variant(manifest, work, "fp16", FILES["fp16"])
+
+        _step(5, total, f"quantizing to int8 ({'static, calibrated' if options.int8_static else 'dynamic'}, "
+                        f"recipe {options.int8_recipe!r})")
+        if options.int8_static:
+            kept = int8.write_int8_static(work / FILES["fp32"], work / FILES["int8"],
+                                          _calibration_batches(work / "tokenizer.json", preset.max_length),
+                                          options.int8_recipe)
+        else:
+            kept = int8.write_int8_dynamic(work / FILES["opt"], work / FILES["int8"], options.int8_recipe)
+        manifest["export"]["int8_kept_fp32"] = kept
+        add_variant(manifest, work, "int8", FILES["int8"])
+
+        _step(6, total, f"writing the artifact to {out}")
+        write_manifest(work, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return out
+
+
+def _calibration_batches(tokenizer_file: Path, max_length: int, n: int = 256, batch: int = 16):
+    """Padded batches of real text (docstring passages, a seed apart from the parity set)."""
+    from corom_runtime.batching import pad_batch, plan_batches
+    from corom_runtime.tokenization import TextTokenizer
+
+    from .corpus import build_corpus
+
+    corpus = build_corpus(n_queries=16, n_passages=n, seed=1234)
+    items = TextTokenizer.from_file(tokenizer_file, max_length).encode(corpus.queries + corpus.passages)
+    for idx in plan_batches([i.length for i in items], batch):
+        yield pad_batch([items[i] for i in idx])

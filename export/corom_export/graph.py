@@ -1,0 +1,42 @@
+"""The plain ONNX export: pooling (and normalisation) inside the graph, dynamic batch and length."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from .reference import SentenceEncoder
+
+log = logging.getLogger(__name__)
+
+INPUT_NAMES = ["input_ids", "attention_mask"]
+OUTPUT_NAME = "sentence_embedding"
+OPSET = 17  # LayerNormalization is a single op from 17 on; ORT's fusions and TensorRT both read it
+
+
+def export_plain(encoder: SentenceEncoder, path: Path) -> None:
+    """Write `encoder` as ONNX fp32 to `path` and check it with `onnx.checker`."""
+    ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]], dtype=torch.int64)
+    mask = (ids != 0).to(torch.int64)
+    dynamic = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
+    dynamic[OUTPUT_NAME] = {0: "batch"}
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        # The TorchScript exporter (dynamo=False): its BERT graph is the one ONNX Runtime's
+        # transformer fusions (Attention, SkipLayerNormalization, BiasGelu) are written against.
+        torch.onnx.export(
+            encoder,
+            (ids, mask),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=INPUT_NAMES,
+            output_names=[OUTPUT_NAME],
+            dynamic_axes=dynamic,
+            do_constant_folding=True,
+        )
+    onnx.checker.check_model(str(path), full_check=True)

@@ -1,0 +1,79 @@
+"""Parity of ONNX variants against the PyTorch reference: the gates every variant must pass."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .stsb import cosine_rows
+
+
+@dataclass(frozen=True)
+class Gate:
+    min_cosine: float
+    top10_agreement: float = 0.0
+    finite: bool = True
+
+
+# DESIGN.md's gates; tighten them when measured better.
+GATES = {
+    "fp32": Gate(min_cosine=0.99999),
+    "opt": Gate(min_cosine=0.99999),
+    "fp16": Gate(min_cosine=0.999),
+    "int8": Gate(min_cosine=0.98, top10_agreement=0.9),
+}
+
+
+@dataclass(frozen=True)
+class Parity:
+    min_cosine: float
+    mean_cosine: float
+    max_abs_diff: float
+    top10_agreement: float
+    finite: bool
+    texts: int
+    queries: int
+
+    def failures(self, gate: Gate) -> list[str]:
+        out = []
+        if gate.finite and not self.finite:
+            out.append("NaN or Inf in the embeddings")
+        if not self.min_cosine >= gate.min_cosine:
+            out.append(f"min cosine {self.min_cosine:.6f} < {gate.min_cosine}")
+        if not self.top10_agreement >= gate.top10_agreement:
+            out.append(f"top-10 agreement {self.top10_agreement:.4f} < {gate.top10_agreement}")
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def top_k(queries: np.ndarray, passages: np.ndarray, score: str, k: int = 10) -> np.ndarray:
+    if score == "cosine":
+        queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+        passages = passages / np.maximum(np.linalg.norm(passages, axis=1, keepdims=True), 1e-12)
+    scores = queries @ passages.T
+    k = min(k, passages.shape[0])
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray, n_queries: int, score: str) -> Parity:
+    """Compare embeddings of the same texts; the first `n_queries` rows are queries, the rest passages."""
+    finite = bool(np.isfinite(candidate).all())
+    safe = np.nan_to_num(candidate, nan=0.0, posinf=0.0, neginf=0.0)
+    cos = cosine_rows(reference, safe)
+    agreement = 1.0
+    if 0 < n_queries < len(reference):
+        ref_top = top_k(reference[:n_queries], reference[n_queries:], score)
+        cand_top = top_k(safe[:n_queries], safe[n_queries:], score)
+        agreement = float(np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(ref_top, cand_top)]))
+    return Parity(
+        min_cosine=float(cos.min()),
+        mean_cosine=float(cos.mean()),
+        max_abs_diff=float(np.abs(reference - safe).max()),
+        top10_agreement=agreement,
+        finite=finite,
+        texts=len(reference),
+        queries=n_queries,
+    )

@@ -1,0 +1,69 @@
+"""Quality on real data: Spearman correlation on the STS Benchmark dev split (`../shared/data/stsb-en/`)."""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+FILE = "stsb-en-dev.csv"
+
+
+@dataclass(frozen=True)
+class StsPairs:
+    first: list[str]
+    second: list[str]
+    gold: np.ndarray
+
+
+def find_stsb() -> Path | None:
+    """The STSb folder: `COROM_STSB_DIR`, else `shared/data/stsb-en` beside the repository."""
+    env = os.environ.get("COROM_STSB_DIR")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[3] / "shared" / "data" / "stsb-en")
+    return next((c for c in candidates if (c / FILE).is_file()), None)
+
+
+def load_pairs(folder: Path) -> StsPairs:
+    first, second, gold = [], [], []
+    with open(folder / FILE, newline="", encoding="utf-8") as handle:
+        for row in csv.reader(handle):
+            first.append(row[0])
+            second.append(row[1])
+            gold.append(float(row[2]))
+    return StsPairs(first, second, np.asarray(gold))
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks with ties averaged (as scipy.stats.rankdata)."""
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values), dtype=np.float64)
+    sorted_vals = values[order]
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and sorted_vals[j + 1] == sorted_vals[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    ra, rb = _ranks(np.asarray(a, dtype=np.float64)), _ranks(np.asarray(b, dtype=np.float64))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+
+
+def stsb_spearman(embed: Callable[[list[str]], np.ndarray], pairs: StsPairs) -> float:
+    """Spearman of cosine similarity against the gold scores (the STS convention, whatever the score fn)."""
+    emb = embed(pairs.first + pairs.second)
+    n = len(pairs.first)
+    return spearman(cosine_rows(emb[:n], emb[n:]), pairs.gold)

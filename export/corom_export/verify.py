@@ -1,0 +1,140 @@
+"""`corom verify`: every variant against the PyTorch reference, through the real runtime.
+
+The variants run through `corom_runtime.Embedder` (tokenizer, length-sorted batching, sessions) on
+the same tokenized texts as the reference, so the figures are those users get.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from corom_runtime import Embedder
+from corom_runtime.artifact import load_artifact
+from corom_runtime.batching import pad_batch, plan_batches
+from corom_runtime.errors import CoromError
+from corom_runtime.tokenization import TextTokenizer, TokenizedText
+
+from .corpus import build_corpus
+from .manifest import write_manifest
+from .parity import GATES, Gate, Parity, compare
+from .reference import SentenceEncoder, build_reference
+from .sources import resolve
+from .stsb import find_stsb, load_pairs, stsb_spearman
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VariantResult:
+    variant: str
+    parity: Parity | None
+    gate: Gate
+    measured_with: str
+    failures: list[str]
+    stsb_spearman: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.parity is not None and not self.failures
+
+
+@dataclass
+class VerifyReport:
+    artifact: Path
+    results: list[VariantResult] = field(default_factory=list)
+    reference_stsb: float | None = None
+    stsb_skipped: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    def table(self) -> str:
+        head = f"{'variant':8} {'min cos':>10} {'max |diff|':>11} {'top-10':>7} {'STSb':>7} {'gate':>6}  measured with"
+        lines = [head, "-" * len(head)]
+        if self.reference_stsb is not None:
+            lines.append(f"{'pytorch':8} {1.0:>10.6f} {0.0:>11.2e} {1.0:>7.4f} {self.reference_stsb:>7.4f} {'ref':>6}  torch")
+        for r in self.results:
+            p = r.parity
+            stsb = f"{r.stsb_spearman:.4f}" if r.stsb_spearman is not None else "-"
+            if p is None:
+                lines.append(f"{r.variant:8} {'-':>10} {'-':>11} {'-':>7} {stsb:>7} {'FAIL':>6}  {'; '.join(r.failures)}")
+                continue
+            lines.append(f"{r.variant:8} {p.min_cosine:>10.6f} {p.max_abs_diff:>11.2e} {p.top10_agreement:>7.4f} "
+                         f"{stsb:>7} {'pass' if r.passed else 'FAIL':>6}  {r.measured_with}"
+                         + ("" if r.passed else f"  ({'; '.join(r.failures)})"))
+        if self.stsb_skipped:
+            lines.append(f"STSb skipped: {self.stsb_skipped}")
+        return "\n".join(lines)
+
+
+def reference_embed(encoder: SentenceEncoder, items: list[TokenizedText], dim: int, batch_size: int = 32) -> np.ndarray:
+    out = np.empty((len(items), dim), dtype=np.float32)
+    with torch.inference_mode():
+        for batch in plan_batches([i.length for i in items], batch_size):
+            ids, mask = pad_batch([items[i] for i in batch])
+            out[batch] = encoder(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    return out
+
+
+def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, variants: list[str] | None = None,
+                    stsb: bool = True, threads: int | None = None, write: bool = True) -> VerifyReport:
+    """Measure every variant's parity (and STSb Spearman); record the figures and `passed` in the manifest."""
+    artifact = load_artifact(path)
+    manifest = artifact.manifest
+    names = variants or list(artifact.variants)
+    unknown = set(names) - set(artifact.variants)
+    if unknown:
+        raise CoromError(f"{path} has no variant(s) {sorted(unknown)}; it has {sorted(artifact.variants)}")
+    if threads:
+        torch.set_num_threads(threads)
+    checkpoint = resolve(manifest["source"])
+    encoder = build_reference(checkpoint, artifact.pooling, artifact.normalize)
+    tokenizer = TextTokenizer.from_file(artifact.tokenizer_path, artifact.max_length)
+    corpus = build_corpus(n_queries=n_queries, n_passages=n_passages)
+    items = tokenizer.encode(corpus.queries + corpus.passages)
+    print(f"verifying {len(names)} variant(s) on {len(items)} texts ({n_queries} queries, {n_passages} passages)", flush=True)
+    reference = reference_embed(encoder, items, artifact.dim)
+
+    report = VerifyReport(artifact=artifact.path)
+    pairs = None
+    stsb_dir = find_stsb() if stsb else None
+    if stsb and stsb_dir is None:
+        report.stsb_skipped = "../shared/data/stsb-en/stsb-en-dev.csv not found (set COROM_STSB_DIR)"
+    elif stsb_dir is not None:
+        pairs = load_pairs(stsb_dir)
+        report.reference_stsb = stsb_spearman(
+            lambda texts: reference_embed(encoder, tokenizer.encode(texts), artifact.dim), pairs)
+
+    for name in names:
+        gate = GATES[name]
+        try:
+            embedder = Embedder.load(artifact.path, variant=name, device="cpu", threads=threads, warmup=False)
+        except CoromError as exc:
+            report.results.append(VariantResult(name, None, gate, "-", [f"cannot run on the CPU: {exc}"]))
+            continue
+        candidate = embedder.embed_tokenized(items)
+        parity = compare(reference, candidate, n_queries, artifact.score)
+        result = VariantResult(name, parity, gate, "CPUExecutionProvider", parity.failures(gate))
+        if pairs is not None:
+            result.stsb_spearman = stsb_spearman(embedder.encode, pairs)
+        report.results.append(result)
+        print(f"  {name}: min cos {parity.min_cosine:.6f}, top-10 {parity.top10_agreement:.4f} "
+              f"-> {'pass' if result.passed else 'FAIL'}", flush=True)
+
+    if write:
+        for r in report.results:
+            entry = manifest["variants"][r.variant]
+            entry["passed"] = r.passed
+            entry["parity"] = {**(r.parity.to_dict() if r.parity else {}), "gate": vars(r.gate),
+                               "measured_with": r.measured_with, "failures": r.failures,
+                               "stsb_spearman": r.stsb_spearman}
+        manifest["quality"] = {"stsb_dev_spearman_reference": report.reference_stsb,
+                               "stsb_skipped": report.stsb_skipped}
+        write_manifest(artifact.path, manifest)
+    return report

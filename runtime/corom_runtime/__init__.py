@@ -1,0 +1,11 @@
+"""corom-onnx runtime: sentence embeddings on ONNX Runtime, without PyTorch."""
+
+from .embedder import Embedder, EmbedderInfo, ItemReport
+from .errors import (ArtifactError, BatcherClosedError, CoromError, OverloadedError, PresetError,
+                     ProviderUnavailableError)
+
+__all__ = [
+    "Embedder", "EmbedderInfo", "ItemReport", "CoromError", "ArtifactError", "PresetError",
+    "ProviderUnavailableError", "OverloadedError", "BatcherClosedError",
+]
+__version__ = "0.1.0"

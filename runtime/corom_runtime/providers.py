@@ -1,0 +1,143 @@
+"""Execution provider selection and ONNX Runtime session settings (CPU, CUDA, TensorRT)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+
+from .errors import ProviderUnavailableError
+from .threads import available_cpus
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+PROVIDER_OF = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+GRAPH_LEVELS = {
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+# The variant each device runs when the caller says variant="auto": TensorRT builds its own fp16
+# engine from the plain graph; CUDA runs the fused fp16 graph; a CPU runs int8.
+AUTO_VARIANT = {"tensorrt": "fp32", "cuda": "fp16", "cpu": "int8"}
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """Knobs of an ONNX Runtime session. `threads=None` means the CPUs this process may use."""
+
+    threads: int | None = None
+    graph_optimization: str = "all"
+    cpu_mem_arena: bool = True
+    cache_dir: Path = Path.home() / ".cache" / "corom-onnx"
+    # TensorRT shape profile, matched to the batching buckets (batch up to max_batch, any length).
+    trt_max_batch: int = 64
+    trt_opt_batch: int = 32
+    trt_workspace_bytes: int = 4 << 30
+
+    def resolved_threads(self) -> int:
+        return self.threads if self.threads else available_cpus()
+
+
+def available_devices() -> list[str]:
+    have = set(ort.get_available_providers())
+    return [d for d in ("tensorrt", "cuda", "cpu") if PROVIDER_OF[d] in have]
+
+
+def choose_device(device: str, allow_fallback: bool = False) -> str:
+    """Resolve "auto" to the best provider present; refuse an absent one unless fallback is allowed."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    present = available_devices()
+    if device == "auto":
+        return present[0]
+    if device in present:
+        return device
+    message = (
+        f"{PROVIDER_OF[device]} is not available in this onnxruntime build "
+        f"(onnxruntime {ort.__version__} offers {ort.get_available_providers()})"
+    )
+    if allow_fallback:
+        log.warning("%s; falling back to CPU as allowed", message)
+        return "cpu"
+    hint = "install onnxruntime-gpu (pip install 'corom-onnx[gpu]') on a machine with an NVIDIA GPU"
+    raise ProviderUnavailableError(f"{message}: {hint}, or use device='cpu'")
+
+
+def session_options(settings: SessionSettings) -> ort.SessionOptions:
+    if settings.graph_optimization not in GRAPH_LEVELS:
+        raise ValueError(f"graph_optimization must be one of {list(GRAPH_LEVELS)}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.resolved_threads()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = GRAPH_LEVELS[settings.graph_optimization]
+    options.enable_cpu_mem_arena = settings.cpu_mem_arena
+    # Spinning idle threads steal the CPU from the tokenizer and the other callers on small machines.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def gpu_name() -> str:
+    if not shutil.which("nvidia-smi"):
+        return "unknown-gpu"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0].replace(" ", "_") if out.stdout.strip() else "unknown-gpu"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown-gpu"
+
+
+def tensorrt_version() -> str:
+    try:
+        import tensorrt  # type: ignore[import-not-found]
+
+        return str(tensorrt.__version__)
+    except ImportError:
+        return "unknown-trt"
+
+
+def trt_cache_dir(settings: SessionSettings, model_sha256: str) -> Path:
+    """Engine and timing caches are valid for one model, one GPU and one TensorRT version only."""
+    key = hashlib.sha256(f"{model_sha256}|{gpu_name()}|{tensorrt_version()}".encode()).hexdigest()[:16]
+    return settings.cache_dir / "tensorrt" / key
+
+
+def provider_list(device: str, settings: SessionSettings, model_sha256: str, max_length: int) -> list:
+    """The `providers` argument of `InferenceSession` for `device` (with CPU as the last resort)."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    cuda = ("CUDAExecutionProvider", {"arena_extend_strategy": "kSameAsRequested", "cudnn_conv_algo_search": "HEURISTIC"})
+    if device == "cuda":
+        return [cuda, "CPUExecutionProvider"]
+    cache = trt_cache_dir(settings, model_sha256)
+    cache.mkdir(parents=True, exist_ok=True)
+
+    def shape(batch: int, length: int) -> str:
+        return f"input_ids:{batch}x{length},attention_mask:{batch}x{length}"
+
+    trt = ("TensorrtExecutionProvider", {
+        "trt_fp16_enable": True,
+        "trt_layer_norm_fp32_fallback": True,
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(cache),
+        "trt_max_workspace_size": settings.trt_workspace_bytes,
+        "trt_profile_min_shapes": shape(1, 1),
+        "trt_profile_opt_shapes": shape(settings.trt_opt_batch, max_length),
+        "trt_profile_max_shapes": shape(settings.trt_max_batch, max_length),
+    })
+    return [trt, cuda, "CPUExecutionProvider"]

@@ -1,0 +1,50 @@
+"""One ONNX Runtime session for one variant: `(input_ids, attention_mask) -> embeddings`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import ArtifactError
+from .providers import SessionSettings, provider_list, session_options
+
+log = logging.getLogger(__name__)
+
+INPUT_IDS, ATTENTION_MASK, OUTPUT = "input_ids", "attention_mask", "sentence_embedding"
+
+
+class EncoderSession:
+    """Runs the sentence-embedding graph. Thread-safe: ONNX Runtime's `run` may be called concurrently."""
+
+    def __init__(self, model_path: Path, device: str, settings: SessionSettings, model_sha256: str,
+                 max_length: int) -> None:
+        self.device = device
+        self.threads = settings.resolved_threads()
+        providers = provider_list(device, settings, model_sha256, max_length)
+        try:
+            self._session = ort.InferenceSession(str(model_path), session_options(settings), providers=providers)
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
+            raise ArtifactError(
+                f"onnxruntime cannot load {model_path} on {device} ({type(exc).__name__}: {exc}); "
+                "if the file is damaged, re-export it with `corom export ... --force`"
+            ) from exc
+        names = {i.name for i in self._session.get_inputs()}
+        if names != {INPUT_IDS, ATTENTION_MASK}:
+            raise ArtifactError(f"{model_path} has inputs {sorted(names)}, expected input_ids and attention_mask")
+        self.providers = self._session.get_providers()
+        # IO binding on GPUs: inputs go to the device once, the output is written straight into host
+        # memory ORT allocates; no intermediate tensor is copied back.
+        self._bind = device in ("cuda", "tensorrt") and self.providers[0] != "CPUExecutionProvider"
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        if not self._bind:
+            return self._session.run([OUTPUT], {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask})[0]
+        binding = self._session.io_binding()
+        binding.bind_cpu_input(INPUT_IDS, input_ids)
+        binding.bind_cpu_input(ATTENTION_MASK, attention_mask)
+        binding.bind_output(OUTPUT, "cpu")
+        self._session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
