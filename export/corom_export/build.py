@@ -131,7 +131,10 @@ def export_artifact(model: str, out: Path, options: ExportOptions = ExportOption
 
 
 def _calibration_batches(tokenizer_file: Path, max_length: int, n: int = 256, batch: int = 16):
-    """Padded batches of real text (docstring passages, a seed apart from the parity set)."""
+    """Batches of real text (docstring passages, a seed apart from the parity set), padded to max_length:
+    the histogram calibrators need every batch to have one shape."""
+    import numpy as np
+
     from corom_runtime.batching import pad_batch, plan_batches
     from corom_runtime.tokenization import TextTokenizer
 
@@ -140,4 +143,8 @@ def _calibration_batches(tokenizer_file: Path, max_length: int, n: int = 256, ba
     corpus = build_corpus(n_queries=16, n_passages=n, seed=1234)
     items = TextTokenizer.from_file(tokenizer_file, max_length).encode(corpus.queries + corpus.passages)
     for idx in plan_batches([i.length for i in items], batch):
-        yield pad_batch([items[i] for i in idx])
+        if len(idx) < batch:
+            continue
+        ids, mask = pad_batch([items[i] for i in idx])
+        width = ((0, 0), (0, max_length - ids.shape[1]))
+        yield np.pad(ids, width), np.pad(mask, width)

