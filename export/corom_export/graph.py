@@ -39,4 +39,11 @@ def export_plain(encoder: SentenceEncoder, path: Path) -> None:
             dynamic_axes=dynamic,
             do_constant_folding=True,
         )
+    # The exporter names the embedding width symbolically; it is a constant of the model, and the
+    # runtime, TensorRT and readers of the graph are all better off seeing it as one.
+    model = onnx.load(str(path))
+    width = model.graph.output[0].type.tensor_type.shape.dim[1]
+    width.Clear()
+    width.dim_value = encoder.bert.config.hidden_size
+    onnx.save(model, str(path))
     onnx.checker.check_model(str(path), full_check=True)

@@ -1,0 +1,193 @@
+"""The dynamic batcher under load: nothing lost or swapped, errors isolated, backpressure, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from corom_runtime import Embedder
+from corom_runtime.dynamic_batcher import BatcherSettings, DynamicBatcher
+from corom_runtime.errors import BatcherClosedError, OverloadedError
+
+CLIENTS = 64
+REQUESTS = int(os.environ.get("COROM_LOAD_REQUESTS", "1000"))  # per client
+POOL = [f"request {i}: " + " ".join(["alpha", "beta", "gamma", "delta", "omega"][: 1 + i % 5]) + f" item {i * 7}"
+        for i in range(400)]
+
+
+@pytest.fixture(scope="module")
+def embedder(bundled_artifact) -> Embedder:
+    return Embedder.load(bundled_artifact, variant="int8", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def alone(embedder) -> np.ndarray:
+    """Each pool sentence embedded on its own: what every batched response must equal."""
+    return np.stack([embedder.encode([t])[0] for t in POOL])
+
+
+def _check(rows: np.ndarray, indices: list[int], alone: np.ndarray) -> None:
+    expected = alone[indices]
+    cos = (rows * expected).sum(1) / np.linalg.norm(rows, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cos.min() > 0.98, cos.min()  # the int8 variant's tolerance (activation scales are per batch)
+    # and it is *this* request's sentence, not a neighbour's: its nearest pool sentence is itself
+    nearest = np.argmax(rows @ alone.T, axis=1)
+    assert (nearest == np.asarray(indices)).all()
+
+
+def test_64_threads_thousands_of_requests(embedder, alone):
+    settings = BatcherSettings(max_batch_size=32, max_wait_ms=2, max_queue=100_000)
+    with DynamicBatcher(embedder, settings) as batcher:
+        def client(seed: int) -> tuple[list[int], np.ndarray]:
+            rng = np.random.default_rng(seed)
+            idx = rng.integers(0, len(POOL), REQUESTS).tolist()
+            futures = []
+            for j, i in enumerate(idx):
+                futures.append(batcher.submit([POOL[i]]))
+                if j % 8 == 7:  # a client waits now and then, like a real one
+                    futures[-1].result()
+            return idx, np.concatenate([f.result(60) for f in futures])
+
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            results = list(pool.map(client, range(CLIENTS)))
+        for idx, rows in results:
+            assert rows.shape == (REQUESTS, embedder.dim)
+            _check(rows, idx, alone)
+        assert batcher.queued == 0
+        m = batcher.metrics
+        assert m.value("corom_requests_total") == CLIENTS * REQUESTS
+        assert m.value("corom_texts_total") == CLIENTS * REQUESTS
+        # batching really happened: far fewer inferences than requests
+        assert m.value("corom_batches_total") < CLIENTS * REQUESTS / 4
+
+
+def test_64_asyncio_tasks(embedder, alone):
+    settings = BatcherSettings(max_batch_size=32, max_wait_ms=2, max_queue=100_000)
+    n = max(1, REQUESTS // 4)
+
+    async def main(batcher):
+        async def client(seed: int):
+            rng = np.random.default_rng(1000 + seed)
+            idx = rng.integers(0, len(POOL), n).tolist()
+            rows = [await batcher.aencode([POOL[i]]) for i in idx]
+            return idx, np.concatenate(rows)
+
+        return await asyncio.gather(*(client(s) for s in range(CLIENTS)))
+
+    with DynamicBatcher(embedder, settings) as batcher:
+        for idx, rows in asyncio.run(main(batcher)):
+            _check(rows, idx, alone)
+        assert batcher.queued == 0
+
+
+def test_multi_text_requests_get_exactly_their_rows(embedder, alone):
+    with DynamicBatcher(embedder, BatcherSettings(max_batch_size=16, max_wait_ms=5)) as batcher:
+        requests = [list(range(k, k + 1 + k % 9)) for k in range(0, 300, 3)]
+        futures = [batcher.submit([POOL[i] for i in r]) for r in requests]
+        for r, f in zip(requests, futures):
+            _check(f.result(30), r, alone)
+            assert f.timings.batch_texts >= len(r) and f.timings.inference_s > 0
+
+
+def test_bad_request_fails_alone_and_batcher_keeps_serving(embedder, alone):
+    with DynamicBatcher(embedder) as batcher:
+        good = batcher.submit([POOL[1]])
+        with pytest.raises(TypeError, match=r"texts\[1\] is int"):
+            batcher.submit(["fine", 42])
+        assert batcher.submit([]).result().shape == (0, embedder.dim)
+        _check(good.result(10), [1], alone)
+        _check(batcher.encode([POOL[2]]), [2], alone)
+
+
+def test_inference_error_fails_only_the_bad_request(embedder, monkeypatch):
+    with DynamicBatcher(embedder, BatcherSettings(max_wait_ms=50)) as batcher:
+        real = embedder.embed_tokenized
+        poison = embedder.tokenizer.encode(["poison"])[0].ids[1]
+
+        def flaky(items, *args):
+            if any(poison in i.ids for i in items):
+                raise RuntimeError("boom")
+            return real(items, *args)
+
+        monkeypatch.setattr(embedder, "embed_tokenized", flaky)
+        futures = [batcher.submit(["poison pill here now"]), batcher.submit(["healthy one"]), batcher.submit(["another"])]
+        with pytest.raises(RuntimeError, match="inference failed for this request"):
+            futures[0].result(10)
+        assert futures[1].result(10).shape == (1, embedder.dim)
+        assert futures[2].result(10).shape == (1, embedder.dim)
+        assert batcher.metrics.value("corom_requests_failed_total") == 1
+
+
+def test_backpressure_refuses_instead_of_growing(embedder, monkeypatch):
+    gate = threading.Event()
+    real = embedder.embed_tokenized
+
+    def slow(items, *args):
+        gate.wait(10)
+        return real(items, *args)
+
+    monkeypatch.setattr(embedder, "embed_tokenized", slow)
+    batcher = DynamicBatcher(embedder, BatcherSettings(max_batch_size=4, max_wait_ms=0, max_queue=8))
+    try:
+        first = batcher.submit(["a"] * 4)  # taken by the worker, which then blocks
+        time.sleep(0.2)
+        queued = [batcher.submit(["b"] * 4), batcher.submit(["c"] * 4)]
+        with pytest.raises(OverloadedError, match="overloaded.*retry"):
+            batcher.submit(["d"])
+        assert batcher.metrics.value("corom_requests_rejected_total") == 1
+    finally:
+        gate.set()
+    assert first.result(10).shape == (4, embedder.dim)
+    assert all(f.result(10).shape == (4, embedder.dim) for f in queued)
+    batcher.close()
+
+
+def test_cancelled_requests_are_dropped(embedder, monkeypatch):
+    gate = threading.Event()
+    real = embedder.embed_tokenized
+    seen = []
+
+    def slow(items, *args):
+        gate.wait(10)
+        seen.append(len(items))
+        return real(items, *args)
+
+    monkeypatch.setattr(embedder, "embed_tokenized", slow)
+    batcher = DynamicBatcher(embedder, BatcherSettings(max_batch_size=2, max_wait_ms=0))
+    first = batcher.submit(["x", "y"])
+    time.sleep(0.2)
+    doomed = batcher.submit(["never computed"])
+    assert doomed.cancel()
+    kept = batcher.submit(["kept"])
+    gate.set()
+    assert kept.result(10).shape == (1, embedder.dim) and first.result(10).shape == (2, embedder.dim)
+    batcher.close()
+    assert seen == [2, 1] and batcher.queued == 0
+    assert batcher.metrics.value("corom_requests_cancelled_total") == 1
+
+
+def test_close_drains_accepted_then_refuses(embedder):
+    batcher = DynamicBatcher(embedder, BatcherSettings(max_wait_ms=200))
+    futures = [batcher.submit([f"drain {i}"]) for i in range(50)]
+    batcher.close()
+    assert all(f.done() and f.result().shape == (1, embedder.dim) for f in futures)
+    with pytest.raises(BatcherClosedError):
+        batcher.submit(["late"])
+
+
+def test_deadline_closes_a_partial_batch(embedder):
+    with DynamicBatcher(embedder, BatcherSettings(max_batch_size=1000, max_batch_tokens=10**6, max_wait_ms=20)) as b:
+        start = time.perf_counter()
+        b.encode(["lonely request"], timeout=5)
+        assert time.perf_counter() - start < 5  # served by the deadline, not by filling a 1000-text batch
+
+
+def test_invalid_settings():
+    with pytest.raises(ValueError):
+        BatcherSettings(max_batch_size=0)

@@ -1,0 +1,176 @@
+"""`corom serve` over real HTTP on 127.0.0.1: the openai client, ModelScope similarity, bad input, shutdown."""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+
+from conftest import EXAMPLE_CANDIDATES, EXAMPLE_SOURCE
+from corom_runtime import Embedder
+from corom_runtime.dynamic_batcher import BatcherSettings
+from corom_runtime.server import ServerSettings, create_app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Running:
+    def __init__(self, app) -> None:
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url("/health")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("server did not become healthy")
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def embedder(bundled_artifact) -> Embedder:
+    return Embedder.load(bundled_artifact, variant="int8", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(embedder):
+    settings = ServerSettings(max_items=8, max_body_bytes=4096, batcher=BatcherSettings(max_wait_ms=2))
+    running = Running(create_app(embedder, settings))
+    yield running
+    running.stop()
+
+
+def cos(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_openai_client_gets_correct_embeddings(server, embedder):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url("/v1"), api_key="unused", max_retries=0)
+    texts = [EXAMPLE_SOURCE, EXAMPLE_CANDIDATES[0]]
+    expected = embedder.encode(texts)
+    for fmt in ("float", "base64", None):  # None: the client asks for base64 and decodes it itself
+        kwargs = {"encoding_format": fmt} if fmt else {}
+        resp = client.embeddings.create(model="all-minilm-l6-v2", input=texts, **kwargs)
+        assert [d.index for d in resp.data] == [0, 1]
+        for d, e in zip(resp.data, expected):
+            vec = np.frombuffer(base64.b64decode(d.embedding), "<f4") if fmt == "base64" else d.embedding
+            assert len(vec) == 384 and cos(vec, e) > 0.98
+        assert resp.usage.prompt_tokens > 10
+    single = client.embeddings.create(model="m", input="just one")
+    assert len(single.data) == 1
+
+
+def test_embed_and_similarity(server):
+    r = httpx.post(server.url("/embed"), json={"inputs": ["a", "b"]})
+    assert r.status_code == 200 and np.asarray(r.json()).shape == (2, 384)
+    r = httpx.post(server.url("/similarity"),
+                   json={"source_sentence": [EXAMPLE_SOURCE], "sentences_to_compare": EXAMPLE_CANDIDATES})
+    body = r.json()
+    assert r.status_code == 200 and np.asarray(body["text_embedding"]).shape == (5, 384)
+    assert int(np.argmax(body["scores"])) == 0
+
+
+@pytest.mark.parametrize("path,body,status,message", [
+    ("/v1/embeddings", b"{not json", 400, "malformed JSON"),
+    ("/v1/embeddings", json.dumps({"input": 42}).encode(), 400, "must be a string or a list"),
+    ("/v1/embeddings", json.dumps({"input": ["ok", 3]}).encode(), 400, "'input'[1] is int"),
+    ("/v1/embeddings", json.dumps({"input": [[101, 102]]}).encode(), 400, "token arrays"),
+    ("/v1/embeddings", json.dumps({"input": []}).encode(), 400, "is empty"),
+    ("/v1/embeddings", json.dumps({"nope": 1}).encode(), 400, "'input'"),
+    ("/v1/embeddings", json.dumps({"input": ["x"] * 9}).encode(), 413, "at most 8"),
+    ("/v1/embeddings", json.dumps({"input": ["x"], "encoding_format": "hex"}).encode(), 400, "encoding_format"),
+    ("/v1/embeddings", json.dumps({"input": ["x"], "dimensions": 3}).encode(), 400, "384 dimensions"),
+    ("/v1/embeddings", json.dumps({"input": ["y" * 5000]}).encode(), 413, "4096-byte limit"),
+    ("/embed", json.dumps(["no", "dict"]).encode(), 400, "'inputs'"),
+    ("/similarity", json.dumps({"source_sentence": ["a", "b"]}).encode(), 413, "at most 1"),
+    ("/similarity", json.dumps({"sentences_to_compare": ["a"]}).encode(), 400, "source_sentence"),
+])
+def test_bad_input_gets_4xx_and_server_keeps_serving(server, path, body, status, message):
+    r = httpx.post(server.url(path), content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]["message"]
+    assert httpx.post(server.url("/embed"), json={"inputs": ["still alive"]}).status_code == 200
+
+
+def test_chunked_oversized_body_is_refused(server):
+    def chunks():
+        for _ in range(10):
+            yield b" " * 1000
+
+    r = httpx.post(server.url("/embed"), content=chunks())
+    assert r.status_code == 413
+    assert httpx.get(server.url("/health")).json()["status"] == "ok"
+
+
+def test_health_and_metrics(server):
+    httpx.post(server.url("/embed"), json={"inputs": ["count me"]})
+    health = httpx.get(server.url("/health")).json()
+    assert health["status"] == "ok" and health["variant"] == "int8"
+    text = httpx.get(server.url("/metrics")).text
+    for name in ("corom_requests_total", "corom_batch_texts_bucket", "corom_queue_seconds_sum",
+                 "corom_tokenize_seconds_count", "corom_inference_seconds_bucket", "corom_queue_texts"):
+        assert name in text
+    total = float(next(l.split()[1] for l in text.splitlines() if l.startswith("corom_requests_total ")))
+    assert total >= 1
+
+
+def test_api_key(embedder):
+    running = Running(create_app(embedder, ServerSettings(api_key="s3cret")))
+    try:
+        assert httpx.post(running.url("/embed"), json={"inputs": ["x"]}).status_code == 401
+        ok = httpx.post(running.url("/embed"), json={"inputs": ["x"]}, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+    finally:
+        running.stop()
+
+
+def test_cli_serve_shuts_down_gracefully_on_sigterm(bundled_artifact):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "corom_runtime.cli", "serve", "--model", str(bundled_artifact),
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert httpx.post(f"http://127.0.0.1:{port}/embed", json={"inputs": ["hi"]}).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn finishes in-flight requests and the lifespan (the batcher drains), then re-raises
+        # the signal so that the exit status says SIGTERM
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+        log = proc.stdout.read()
+        assert "Shutting down" in log and "Finished server process" in log, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
