@@ -1,0 +1,177 @@
+"""The systems compared: each becomes `encode(texts, batch_size) -> float32 [n, dim]` on the same threads.
+
+Peers are built the way their users build them (sentence-transformers' own ONNX export helpers,
+Optimum's optimizer and quantizer presets); a peer that fails to build is reported with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+Encode = Callable[[list[str], int], np.ndarray]
+CACHE = Path(__file__).resolve().parent / ".cache"
+
+
+@dataclass
+class System:
+    name: str
+    family: str  # reference | peer | corom
+    build: Callable[[], Encode]
+    note: str = ""
+
+
+def _threads(threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return so
+
+
+def _mean_pool_normalize(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    m = mask[..., None].astype(hidden.dtype)
+    pooled = (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+    return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+
+
+def pytorch(folder: Path, threads: int, bf16: bool = False) -> Encode:
+    """The reference: transformers eager on torch, batches in the caller's order, padded per batch."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModel.from_pretrained(str(folder)).eval()
+
+    def encode(texts: list[str], batch_size: int) -> np.ndarray:
+        out = []
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for i in range(0, len(texts), batch_size):
+                enc = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=128, return_tensors="pt")
+                hidden = model(**enc).last_hidden_state.float()
+                m = enc["attention_mask"].unsqueeze(-1).float()
+                pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+                out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+        return np.concatenate(out) if out else np.empty((0, model.config.hidden_size), np.float32)
+
+    return encode
+
+
+def _st_folder(folder: Path) -> Path:
+    """A writable copy of the model folder: sentence-transformers writes its ONNX exports beside it."""
+    dest = CACHE / "st-model"
+    if not dest.exists():
+        shutil.copytree(folder, dest)
+    return dest
+
+
+def sentence_transformers(folder: Path, threads: int, backend: str = "torch", variant: str = "plain") -> Encode:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(threads)
+    if backend == "torch":
+        model = SentenceTransformer(str(folder), device="cpu")
+    else:
+        from sentence_transformers.backend import export_dynamic_quantized_onnx_model, export_optimized_onnx_model
+
+        path = _st_folder(folder)
+        kwargs = {"provider": "CPUExecutionProvider", "session_options": _threads(threads)}
+        base = SentenceTransformer(str(path), device="cpu", backend="onnx", model_kwargs=kwargs)
+        if not (path / "onnx" / "model.onnx").exists():
+            base.save_pretrained(str(path))
+        files = {"plain": "onnx/model.onnx", "O3": "onnx/model_O3.onnx",
+                 "int8": "onnx/model_qint8_avx512_vnni.onnx"}
+        if not (path / files[variant]).exists():
+            if variant == "O3":
+                export_optimized_onnx_model(base, "O3", str(path))
+            elif variant == "int8":
+                export_dynamic_quantized_onnx_model(base, "avx512_vnni", str(path))
+        model = SentenceTransformer(str(path), device="cpu", backend="onnx",
+                                    model_kwargs={**kwargs, "file_name": files[variant]})
+    model.max_seq_length = 128
+
+    def encode(texts: list[str], batch_size: int) -> np.ndarray:
+        return model.encode(texts, batch_size=batch_size, convert_to_numpy=True)
+
+    return encode
+
+
+def optimum(folder: Path, threads: int, variant: str = "plain") -> Encode:
+    from optimum.onnxruntime import ORTModelForFeatureExtraction, ORTOptimizer, ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoOptimizationConfig, AutoQuantizationConfig
+    from transformers import AutoTokenizer
+
+    base_dir = CACHE / "optimum-plain"
+    if not (base_dir / "model.onnx").exists():
+        ORTModelForFeatureExtraction.from_pretrained(str(folder), export=True).save_pretrained(str(base_dir))
+    path, file = base_dir, "model.onnx"
+    if variant == "O2":
+        path, file = CACHE / "optimum-O2", "model_optimized.onnx"
+        if not (path / file).exists():
+            ORTOptimizer.from_pretrained(str(base_dir)).optimize(AutoOptimizationConfig.O2(), save_dir=str(path))
+    elif variant == "int8":
+        path, file = CACHE / "optimum-int8", "model_quantized.onnx"
+        if not (path / file).exists():
+            config = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=False)
+            ORTQuantizer.from_pretrained(str(base_dir)).quantize(save_dir=str(path), quantization_config=config)
+    model = ORTModelForFeatureExtraction.from_pretrained(str(path), file_name=file, session_options=_threads(threads))
+    tok = AutoTokenizer.from_pretrained(str(folder))
+
+    def encode(texts: list[str], batch_size: int) -> np.ndarray:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            enc = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=128, return_tensors="np")
+            hidden = model(**enc).last_hidden_state
+            out.append(_mean_pool_normalize(np.asarray(hidden), enc["attention_mask"]))
+        return np.concatenate(out)
+
+    return encode
+
+
+def corom(artifact: Path, threads: int, variant: str) -> Encode:
+    from corom_runtime import Embedder
+
+    embedder = Embedder.load(artifact, variant=variant, device="cpu", threads=threads)
+
+    def encode(texts: list[str], batch_size: int) -> np.ndarray:
+        return embedder.encode(texts, batch_size=batch_size)
+
+    encode.embedder = embedder  # type: ignore[attr-defined]
+    return encode
+
+
+def all_systems(folder: Path, artifact: Path, threads: int, quick: bool, bf16_ok: bool) -> list[System]:
+    systems = [
+        System("pytorch-fp32", "reference", lambda: pytorch(folder, threads)),
+    ]
+    if bf16_ok:
+        systems.append(System("pytorch-bf16", "reference", lambda: pytorch(folder, threads, bf16=True),
+                              "torch.autocast bf16 (CPU has avx512_bf16/amx)"))
+    systems += [System("st-torch", "peer", lambda: sentence_transformers(folder, threads))]
+    if not quick:
+        systems += [
+            System("st-onnx", "peer", lambda: sentence_transformers(folder, threads, "onnx", "plain")),
+            System("st-onnx-O3", "peer", lambda: sentence_transformers(folder, threads, "onnx", "O3")),
+            System("st-onnx-int8", "peer", lambda: sentence_transformers(folder, threads, "onnx", "int8"),
+                   "sentence-transformers' avx512_vnni dynamic int8 export"),
+            System("optimum", "peer", lambda: optimum(folder, threads, "plain")),
+            System("optimum-O2", "peer", lambda: optimum(folder, threads, "O2")),
+            System("optimum-int8", "peer", lambda: optimum(folder, threads, "int8"),
+                   "Optimum AutoQuantizationConfig.avx512_vnni, dynamic"),
+            System("corom-fp32", "corom", lambda: corom(artifact, threads, "fp32")),
+        ]
+    systems += [
+        System("corom-opt", "corom", lambda: corom(artifact, threads, "opt")),
+        System("corom-int8", "corom", lambda: corom(artifact, threads, "int8")),
+    ]
+    return systems
