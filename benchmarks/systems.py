@@ -150,6 +150,18 @@ def corom(artifact: Path, threads: int, variant: str) -> Encode:
     return encode
 
 
+def smooth_artifact() -> Path:
+    """The bundled model exported with the "smooth" int8 recipe (FFN inputs rescaled, int8 too)."""
+    path = CACHE / "artifact-smooth"
+    if not (path / "manifest.json").is_file():
+        from corom_export.build import ExportOptions, export_artifact
+        from corom_export.verify import verify_artifact
+
+        export_artifact("all-minilm-l6-v2", path, ExportOptions(int8_recipe="smooth", force=True))
+        verify_artifact(path, variants=["int8"], stsb=False)
+    return path
+
+
 def all_systems(folder: Path, artifact: Path, threads: int, quick: bool, bf16_ok: bool) -> list[System]:
     systems = [
         System("pytorch-fp32", "reference", lambda: pytorch(folder, threads)),
@@ -172,6 +184,10 @@ def all_systems(folder: Path, artifact: Path, threads: int, quick: bool, bf16_ok
         ]
     systems += [
         System("corom-opt", "corom", lambda: corom(artifact, threads, "opt")),
-        System("corom-int8", "corom", lambda: corom(artifact, threads, "int8")),
+        System("corom-int8", "corom", lambda: corom(artifact, threads, "int8"),
+               "default int8 recipe: attention int8, FFN fp32"),
     ]
+    if not quick:
+        systems.append(System("corom-int8-smooth", "corom", lambda: corom(smooth_artifact(), threads, "int8"),
+                              "int8 recipe 'smooth': FFN inputs SmoothQuant-rescaled and int8, FFN out fp32"))
     return systems

@@ -130,3 +130,15 @@ def test_static_int8_option_exports_and_runs(tmp_path, corom_checkpoint):
     assert result.parity is not None and result.parity.min_cosine > 0.95, result.failures
     emb = Embedder.load(out, variant="int8", device="cpu").encode(["static int8"])
     assert emb.shape == (1, 256) and np.isfinite(emb).all()
+
+
+def test_smooth_int8_recipe_rescales_ffn_inputs_and_passes(tmp_path, corom_checkpoint):
+    import onnx
+
+    out = export_artifact(str(corom_checkpoint), tmp_path / "smooth", ExportOptions(int8_recipe="smooth"))
+    report = verify_artifact(out, n_queries=20, n_passages=200, variants=["int8"], stsb=False)
+    assert report.passed, report.table()
+    model = onnx.load(str(out / "model.int8.onnx"), load_external_data=False)
+    smooth_muls = [n for n in model.graph.node if n.name.endswith("_smooth")]
+    assert len(smooth_muls) == 4  # one per layer, in front of the FFN input projection
+    assert not (out / "model.int8.smoothed.onnx").exists()

@@ -115,7 +115,9 @@ def export_artifact(model: str, out: Path, options: ExportOptions = ExportOption
                                           _calibration_batches(work / "tokenizer.json", preset.max_length),
                                           options.int8_recipe)
         else:
-            kept = int8.write_int8_dynamic(work / FILES["opt"], work / FILES["int8"], options.int8_recipe)
+            calibration = (list(_calibration_batches(work / "tokenizer.json", preset.max_length))
+                           if options.int8_recipe == "smooth" else None)
+            kept = int8.write_int8_dynamic(work / FILES["opt"], work / FILES["int8"], options.int8_recipe, calibration)
         manifest["export"]["int8_kept_fp32"] = kept
         add_variant(manifest, work, "int8", FILES["int8"])
 

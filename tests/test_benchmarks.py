@@ -1,0 +1,46 @@
+"""The benchmark harness itself must not rot: its --quick mode runs end to end here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_runs_and_writes_results(bundled_artifact, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--artifact", str(bundled_artifact),
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "latest-quick.json").read_text())
+    systems = result["systems"]
+    for name in ("pytorch-fp32", "st-torch", "corom-opt", "corom-int8"):
+        s = systems[name]
+        assert not s.get("error"), s
+        assert s["mixed_sent_per_s"] > 0 and s["latency"]["p50_ms"] > 0
+        assert 0.9 < s["quality"]["min_cosine"] <= 1.0 + 1e-6
+    assert systems["pytorch-fp32"]["quality"]["top10_agreement"] == 1.0
+    assert systems["corom-int8"]["cold_start"]["peak_rss_mb"] > 0
+    assert result["hardware"]["threads"] >= 1 and result["hardware"]["versions"]["onnxruntime"]
+    assert "corom-int8 / pytorch-fp32 (mixed)" in result["targets"]
+    assert result["concurrency"]["rows"][0]["clients"] == 1
+    assert "| corom-int8 |" in (tmp_path / "latest-quick.md").read_text()
+    assert (tmp_path / "latest-quick.png").stat().st_size > 10_000
+
+
+def test_gpu_check_fails_clearly_without_a_gpu(tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode != 0
+    assert "no NVIDIA GPU" in proc.stderr
+
+
+def test_flops_model():
+    from benchmarks.hardware import bert_flops_per_token, peak_flops
+
+    # all-MiniLM-L6-v2 at 32 tokens: 6 x (2 x (4 x 384^2 + 2 x 384 x 1536) + 4 x 32 x 384) flops
+    assert bert_flops_per_token(384, 6, 1536, 32) == 6 * (2 * (4 * 384 * 384 + 2 * 384 * 1536) + 4 * 32 * 384)
+    peak = peak_flops(2)
+    assert peak["peak_int8_gops"] >= 2 * peak["peak_fp32_gflops"] > 0
