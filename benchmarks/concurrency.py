@@ -44,7 +44,7 @@ def _drive(call, clients: int, texts: list[str], seconds: float) -> dict:
 
 
 def run(embedder: Embedder, texts: list[str], clients_list=(1, 8, 32, 128), seconds: float = 4.0,
-        settings: BatcherSettings = BatcherSettings(max_batch_size=32, max_wait_ms=5.0)) -> dict:
+        settings: BatcherSettings = BatcherSettings(max_batch_size=32)) -> dict:
     # one batch of 32 typical requests, to check p99 <= max_wait + 2 batch compute times
     sample = embedder.tokenizer.encode(texts[:settings.max_batch_size])
     embedder.embed_tokenized(sample, settings.max_batch_size)

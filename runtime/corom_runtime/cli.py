@@ -238,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p.add_argument("--max-batch-size", type=int, default=32, help="most texts in one inference (default 32)")
     p.add_argument("--max-batch-tokens", type=int, default=8192, help="most padded tokens in one inference")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a request waits for a batch to fill")
+    p.add_argument("--max-wait-ms", type=float, default=0.0,
+                   help="how long a free worker lingers for a fuller batch (default 0: take what is queued; "
+                        "raise it on GPUs, where bigger batches cost little more)")
     p.add_argument("--max-queue", type=int, default=4096, help="queued texts before answering 503 overloaded")
     p.add_argument("--max-items", type=int, default=256, help="most texts in one request")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
