@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passages", type=int, default=None, help="mixed-length passages (default 2000; quick 200)")
     p.add_argument("--queries", type=int, default=200, help="queries for latency and top-10 agreement (default 200)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size of the throughput runs (default 32)")
-    p.add_argument("--latency-n", type=int, default=None, help="single-query timings per system (default 150; quick 50)")
+    p.add_argument("--latency-n", type=int, default=None, help="single-query timings per system (default 100; quick 50)")
     p.add_argument("--threads", type=int, default=available_cpus(), help="thread budget of every system (default: usable CPUs)")
     p.add_argument("--systems", nargs="+", help="only these systems (names as in the table)")
     p.add_argument("--artifact", default=str(build_dir("all-minilm-l6-v2")), help="corom artifact (exported if missing)")
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 2)
     args.passages = args.passages or (200 if args.quick else 2000)
-    args.latency_n = args.latency_n or (50 if args.quick else 150)
+    args.latency_n = args.latency_n or (50 if args.quick else 100)
     if args.quick:
         args.queries = min(args.queries, 50)
     logging.basicConfig(level=logging.WARNING)

@@ -76,7 +76,8 @@ class Artifact:
 
     @property
     def rebuild_hint(self) -> str:
-        return f"rebuild it with `corom export {self.manifest.get('source_preset') or self.manifest.get('source', 'MODEL')} --out {self.path} --force`"
+        model = self.manifest.get("source_preset") or self.manifest.get("source", "MODEL")
+        return f"rebuild it with `corom export {model} --out {self.path} --force`"
 
     def variant_path(self, name: str) -> Path:
         return self.path / self.variants[name].file

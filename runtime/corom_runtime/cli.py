@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -61,24 +62,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
         print(json.dumps({"output": args.output, "shape": list(emb.shape), "variant": embedder.variant}))
         return 0
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-    with out if args.output else _nullcontext(out):
+    with out if args.output else contextlib.nullcontext(out):
         for text, row, item in zip(texts, emb, report):
             record = {"text": text, "embedding": [round(float(x), 7) for x in row]}
             if args.report:
                 record.update(tokens=item.tokens, truncated=item.truncated)
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
     return 0
-
-
-class _nullcontext:
-    def __init__(self, obj):
-        self.obj = obj
-
-    def __enter__(self):
-        return self.obj
-
-    def __exit__(self, *exc):
-        return False
 
 
 def cmd_score(args: argparse.Namespace) -> int:

@@ -107,7 +107,9 @@ class DynamicBatcher:
         return self._queued_texts
 
     def submit(self, texts: Sequence[str]) -> Future:
-        """Queue texts; the future resolves to float32 `[len(texts), dim]` (its `.timings` are set).
+        """Queue texts; the future resolves to float32 `[len(texts), dim]`.
+
+        The future also carries `.timings` (filled in as the request moves) and `.token_count`.
 
         Raises at once on bad input (`TypeError` naming the index), a full queue (`OverloadedError`)
         or a closed batcher (`BatcherClosedError`).
@@ -115,12 +117,14 @@ class DynamicBatcher:
         checked = check_texts(texts)
         future: Future = Future()
         if not checked:
+            future.timings, future.token_count = RequestTimings(), 0  # type: ignore[attr-defined]
             future.set_result(np.empty((0, self.embedder.dim), dtype=np.float32))
             return future
         start = time.perf_counter()
         items = self.embedder.tokenizer.encode(checked)  # in the caller's thread: tokenizing runs in parallel
         timings = RequestTimings(tokenize_s=time.perf_counter() - start)
         future.timings = timings  # type: ignore[attr-defined]
+        future.token_count = sum(item.length for item in items)  # type: ignore[attr-defined]
         with self._cond:
             if self._closing:
                 raise BatcherClosedError("the batcher is closed and takes no new requests")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import bisect
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 TIME_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -60,7 +61,7 @@ class Metrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._items: dict[str, Histogram | Counter] = {}
-        self._gauges: dict[str, tuple[str, callable]] = {}
+        self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
     def histogram(self, name: str, help: str, buckets: tuple[float, ...] = TIME_BUCKETS) -> None:
         self._items.setdefault(name, Histogram(name, help, buckets))
@@ -68,7 +69,7 @@ class Metrics:
     def counter(self, name: str, help: str) -> None:
         self._items.setdefault(name, Counter(name, help))
 
-    def gauge(self, name: str, help: str, read) -> None:
+    def gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
         self._gauges[name] = (help, read)
 
     def observe(self, name: str, value: float) -> None:

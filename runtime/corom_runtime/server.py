@@ -7,6 +7,7 @@ Bad input gets a 4xx with a message; the server keeps serving.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hmac
@@ -110,9 +111,11 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
             raise HTTPError(503, "the server is starting or stopping", "server_error")
         return state["batcher"]
 
-    async def embed_texts(texts: list[str]) -> np.ndarray:
+    async def embed_texts(texts: list[str]) -> tuple[np.ndarray, int]:
+        """Embeddings through the batcher, and how many tokens the model saw."""
         try:
-            return await batcher().aencode(texts)
+            future = batcher().submit(texts)
+            return await asyncio.wrap_future(future), future.token_count
         except OverloadedError as exc:
             raise HTTPError(503, str(exc), "overloaded") from exc
         except BatcherClosedError as exc:
@@ -142,8 +145,7 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
         dims = body.get("dimensions")
         if dims is not None and dims != embedder.dim:
             raise HTTPError(400, f"this model's embeddings have {embedder.dim} dimensions; 'dimensions' cannot change that")
-        emb = await embed_texts(texts)
-        tokens = int(sum(len(i.ids) for i in embedder.tokenizer.encode(texts)))
+        emb, tokens = await embed_texts(texts)
         data = []
         for i, row in enumerate(emb):
             value: Any = base64.b64encode(row.astype("<f4").tobytes()).decode() if fmt == "base64" else row.tolist()
@@ -155,7 +157,7 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
         body = await _json(request)
         if not isinstance(body, dict) or "inputs" not in body:
             raise HTTPError(400, "body must be a JSON object with 'inputs' (a string or a list of strings)")
-        emb = await embed_texts(_texts(body["inputs"], "inputs", settings.max_items))
+        emb, _ = await embed_texts(_texts(body["inputs"], "inputs", settings.max_items))
         return JSONResponse(emb.tolist())
 
     async def similarity(request: Request) -> Response:
@@ -165,7 +167,7 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
         source = _texts(body["source_sentence"], "source_sentence", 1)
         compare = body.get("sentences_to_compare") or []
         compare = _texts(compare, "sentences_to_compare", settings.max_items - 1) if compare else []
-        emb = await embed_texts(source + compare)
+        emb, _ = await embed_texts(source + compare)
         scores = embedder.similarity(emb[:1], emb[1:])[0].tolist() if compare else []
         return JSONResponse({"text_embedding": emb.tolist(), "scores": scores})
 
