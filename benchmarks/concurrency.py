@@ -11,8 +11,9 @@ from corom_runtime import Embedder
 from corom_runtime.dynamic_batcher import BatcherSettings, DynamicBatcher
 
 
-def _percentiles(latencies: list[float]) -> dict:
-    arr = np.asarray(latencies) * 1000
+def percentiles(seconds: list[float]) -> dict:
+    """p50/p95/p99 in milliseconds, the latency summary every benchmark reports."""
+    arr = np.asarray(seconds) * 1000
     return {f"p{q}_ms": float(np.percentile(arr, q)) for q in (50, 95, 99)}
 
 
@@ -40,7 +41,7 @@ def _drive(call, clients: int, texts: list[str], seconds: float) -> dict:
         t.join()
     elapsed = time.perf_counter() - start
     flat = [x for per in latencies for x in per]
-    return {"requests": len(flat), "seconds": elapsed, "requests_per_s": len(flat) / elapsed, **_percentiles(flat)}
+    return {"requests": len(flat), "seconds": elapsed, "requests_per_s": len(flat) / elapsed, **percentiles(flat)}
 
 
 def run(embedder: Embedder, texts: list[str], clients_list=(1, 8, 32, 128), seconds: float = 4.0,

@@ -134,8 +134,7 @@ def main(out: Path) -> int:
     result["throughput"] = grid
     lat = {}
     for name, emb in embedders.items():
-        ms = np.asarray(timed(lambda: emb.encode([corpus.queries[0]]), 200)) * 1000
-        lat[name] = {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+        lat[name] = concurrency.percentiles(timed(lambda: emb.encode([corpus.queries[0]]), 200))
     result["latency"] = lat
     result["dynamic_batching"] = concurrency.run(embedders["fp16"], corpus.queries, (1, 8, 32, 128), seconds=3.0)
     path = out / "gpu-h200.json"

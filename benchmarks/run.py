@@ -58,8 +58,7 @@ def latency(encode, queries: list[str], n: int) -> dict:
         start = time.perf_counter()
         encode([queries[i % len(queries)]], 1)
         times.append(time.perf_counter() - start)
-    ms = np.asarray(times) * 1000
-    return {f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 95, 99)} | {"n": n}
+    return concurrency.percentiles(times) | {"n": n}
 
 
 def cold_start(name: str, artifact: Path, folder: Path, threads: int) -> dict:

@@ -110,13 +110,12 @@ def export_artifact(model: str, out: Path, options: ExportOptions = ExportOption
 
         _step(5, total, f"quantizing to int8 ({'static, calibrated' if options.int8_static else 'dynamic'}, "
                         f"recipe {options.int8_recipe!r})")
+        calibration = None
+        if options.int8_static or options.int8_recipe == "smooth":
+            calibration = list(_calibration_batches(work / "tokenizer.json", preset.max_length))
         if options.int8_static:
-            kept = int8.write_int8_static(work / FILES["fp32"], work / FILES["int8"],
-                                          _calibration_batches(work / "tokenizer.json", preset.max_length),
-                                          options.int8_recipe)
+            kept = int8.write_int8_static(work / FILES["fp32"], work / FILES["int8"], calibration, options.int8_recipe)
         else:
-            calibration = (list(_calibration_batches(work / "tokenizer.json", preset.max_length))
-                           if options.int8_recipe == "smooth" else None)
             kept = int8.write_int8_dynamic(work / FILES["opt"], work / FILES["int8"], options.int8_recipe, calibration)
         manifest["export"]["int8_kept_fp32"] = kept
         add_variant(manifest, work, "int8", FILES["int8"])

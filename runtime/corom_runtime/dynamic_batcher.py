@@ -15,7 +15,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -59,11 +59,8 @@ class _Entry:
     items: list[TokenizedText]
     future: Future
     enqueued: float
-    timings: RequestTimings = field(default_factory=RequestTimings)
-
-    @property
-    def longest(self) -> int:
-        return max((i.length for i in self.items), default=0)
+    timings: RequestTimings
+    longest: int  # tokens of its longest text, computed once: the worker reads it on every decision
 
 
 class DynamicBatcher:
@@ -134,7 +131,8 @@ class DynamicBatcher:
                     f"overloaded: {self._queued_texts} texts already queued (limit {self.settings.max_queue}); "
                     "retry later or raise max_queue"
                 )
-            self._queue.append(_Entry(items, future, time.perf_counter(), timings))
+            longest = max(item.length for item in items)
+            self._queue.append(_Entry(items, future, time.perf_counter(), timings, longest))
             self._queued_texts += len(items)
             self._cond.notify()
         self.metrics.inc("corom_requests_total")
@@ -168,10 +166,10 @@ class DynamicBatcher:
         s = self.settings
         if self._closing or self._queued_texts >= s.max_batch_size:
             return True
+        if now - self._queue[0].enqueued >= s.max_wait_ms / 1000.0:
+            return True  # checked before the scan below: with max_wait_ms=0 it decides at once
         longest = max(e.longest for e in self._queue)
-        if self._queued_texts * longest >= s.max_batch_tokens:
-            return True
-        return now - self._queue[0].enqueued >= s.max_wait_ms / 1000.0
+        return self._queued_texts * longest >= s.max_batch_tokens
 
     def _take_batch(self) -> list[_Entry]:
         """FIFO entries up to the size and padded-token limits (at least one, so none starves)."""
