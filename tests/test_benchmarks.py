@@ -16,17 +16,24 @@ def test_quick_benchmark_runs_and_writes_results(bundled_artifact, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "latest-quick.json").read_text())
     systems = result["systems"]
-    for name in ("pytorch-fp32", "st-torch", "corom-opt", "corom-int8"):
+    assert result["config"]["workloads"] == ["mixed", "long"]
+    assert result["config"]["long"]["mean_tokens"] > 2 * result["config"]["mixed"]["mean_tokens"]
+    default = result["config"]["default_system"]
+    for name in ("pytorch-fp32", "corom-opt", "corom-int8", "openvino-bf16", "openvino-nncf-int8", default):
         s = systems[name]
         assert not s.get("error"), s
-        assert s["mixed_sent_per_s"] > 0 and s["latency"]["p50_ms"] > 0
-        assert 0.9 < s["quality"]["min_cosine"] <= 1.0 + 1e-6
-    assert systems["pytorch-fp32"]["quality"]["top10_agreement"] == 1.0
-    assert systems["corom-int8"]["cold_start"]["peak_rss_mb"] > 0
+        assert s["latency"]["p50_ms"] > 0 and 0.9 < s["batch_invariance"] <= 1.0 + 1e-6
+        for w in ("mixed", "long"):
+            assert s["workloads"][w]["sorted_sent_per_s"] > 0
+            assert 0.9 < s["workloads"][w]["quality"]["min_cosine"] <= 1.0 + 1e-6
+    assert systems["pytorch-fp32"]["workloads"]["long"]["quality"]["top10_agreement"] == 1.0
+    assert systems["corom-opt"]["batch_invariance"] > 0.99999  # fp32: the batch does not change a vector
+    assert systems[default]["cold_start"]["peak_rss_mb"] > 0
     assert result["hardware"]["threads"] >= 1 and result["hardware"]["versions"]["onnxruntime"]
-    assert "corom-int8 / pytorch-fp32 (mixed)" in result["targets"]
+    assert any(t.startswith("default / fastest peer") for t in result["targets"])
     assert result["concurrency"]["rows"][0]["clients"] == 1
-    assert "| corom-int8 |" in (tmp_path / "latest-quick.md").read_text()
+    md = (tmp_path / "latest-quick.md").read_text()
+    assert f"| {default} |" in md and "long passages" in md
     assert (tmp_path / "latest-quick.png").stat().st_size > 10_000
 
 

@@ -54,7 +54,7 @@ class Running:
 
 @pytest.fixture(scope="module")
 def embedder(bundled_artifact) -> Embedder:
-    return Embedder.load(bundled_artifact, variant="int8", device="cpu")
+    return Embedder.load(bundled_artifact, device="cpu")  # the default CPU variant, as `corom serve` runs it
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +130,10 @@ def test_chunked_oversized_body_is_refused(server):
     assert httpx.get(server.url("/health")).json()["status"] == "ok"
 
 
-def test_health_and_metrics(server):
+def test_health_and_metrics(server, embedder):
     httpx.post(server.url("/embed"), json={"inputs": ["count me"]})
     health = httpx.get(server.url("/health")).json()
-    assert health["status"] == "ok" and health["variant"] == "int8"
+    assert health["status"] == "ok" and health["variant"] == embedder.variant
     text = httpx.get(server.url("/metrics")).text
     for name in ("corom_requests_total", "corom_batch_texts_bucket", "corom_queue_seconds_sum",
                  "corom_tokenize_seconds_count", "corom_inference_seconds_bucket", "corom_queue_texts"):

@@ -13,18 +13,19 @@ import onnx
 from onnxruntime.transformers.onnx_model import OnnxModel
 
 from corom_runtime.artifact import sha256_file
+from corom_runtime.engines import VARIANTS
 from corom_runtime.errors import CoromError, PresetError
 from corom_runtime.presets import Preset, list_presets, load_preset
 
 from . import graph, int8, optimize
-from .manifest import add_variant, new_manifest, write_manifest
+from .manifest import add_variant, new_manifest
 from .reference import build_reference
 from .sources import Checkpoint, resolve
 from .tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)
 
-FILES = {"fp32": "model.fp32.onnx", "opt": "model.opt.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+FILES = {name: spec.file for name, spec in VARIANTS.items()}
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class ExportOptions:
     max_length: int | None = None
     int8_recipe: str = "attention"
     int8_static: bool = False
+    openvino: bool = True  # the OpenVINO variants, when openvino and nncf are installed
     force: bool = False
 
 
@@ -74,7 +76,8 @@ def export_artifact(model: str, out: Path, options: ExportOptions = ExportOption
     if out.exists() and not options.force:
         raise CoromError(f"{out} already exists; pass --force to replace it, or choose another --out")
     preset, preset_name, checkpoint = settings_for(model, options)
-    total = 6
+    with_openvino = options.openvino and _openvino_exporter_installed()
+    total = 7 if with_openvino else 6
     _step(1, total, f"loading {checkpoint.source} ({checkpoint.layout} layout)")
     encoder = build_reference(checkpoint, preset.pooling, preset.normalize)
     config = checkpoint.config
@@ -87,26 +90,26 @@ def export_artifact(model: str, out: Path, options: ExportOptions = ExportOption
             name=preset.name, source=preset.source if preset_name else str(checkpoint.folder.resolve()),
             preset=preset_name, config=config, pooling=preset.pooling, normalize=preset.normalize,
             score=preset.score, max_length=preset.max_length, lowercase=checkpoint.do_lower_case,
+            tokenizer_sha256=sha256_file(work / "tokenizer.json"),
             extra={"int8_recipe": options.int8_recipe, "int8_static": options.int8_static,
                    "checkpoint_layout": checkpoint.layout},
         )
-        manifest["tokenizer"]["sha256"] = sha256_file(work / "tokenizer.json")
 
         t = _step(2, total, "exporting the plain fp32 graph (pooling inside, dynamic axes)")
         graph.export_plain(encoder, work / FILES["fp32"])
-        add_variant(manifest, work, "fp32", FILES["fp32"])
+        add_variant(manifest, work, "fp32")
         log.info("fp32 export took %.1fs", time.perf_counter() - t)
 
         _step(3, total, "fusing for ONNX Runtime (Attention, SkipLayerNorm, BiasGelu)")
         heads, hidden, layers = config["num_attention_heads"], config["hidden_size"], config["num_hidden_layers"]
         fused = optimize.fuse(work / FILES["fp32"], heads, hidden, layers)
-        manifest["export"]["fusions"] = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
+        manifest.export["fusions"] = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
         fused.save_model_to_file(str(work / FILES["opt"]))
-        add_variant(manifest, work, "opt", FILES["opt"])
+        add_variant(manifest, work, "opt")
 
         _step(4, total, "converting to fp16 (LayerNorm, Softmax and pooling kept fp32)")
         optimize.write_fp16(OnnxModel(onnx.load(str(work / FILES["opt"]))), work / FILES["fp16"])
-        add_variant(manifest, work, "fp16", FILES["fp16"])
+        add_variant(manifest, work, "fp16")
 
         _step(5, total, f"quantizing to int8 ({'static, calibrated' if options.int8_static else 'dynamic'}, "
                         f"recipe {options.int8_recipe!r})")
@@ -117,11 +120,21 @@ def export_artifact(model: str, out: Path, options: ExportOptions = ExportOption
             kept = int8.write_int8_static(work / FILES["fp32"], work / FILES["int8"], calibration, options.int8_recipe)
         else:
             kept = int8.write_int8_dynamic(work / FILES["opt"], work / FILES["int8"], options.int8_recipe, calibration)
-        manifest["export"]["int8_kept_fp32"] = kept
-        add_variant(manifest, work, "int8", FILES["int8"])
+        manifest.export["int8_kept_fp32"] = kept
+        add_variant(manifest, work, "int8")
 
-        _step(6, total, f"writing the artifact to {out}")
-        write_manifest(work, manifest)
+        if with_openvino:
+            from . import openvino_int8
+
+            _step(6, total, "OpenVINO: static int8 with NNCF, calibrated on real text (and bf16 on the plain graph)")
+            manifest.export["openvino_int8"] = openvino_int8.write_ov_int8(
+                work / FILES["fp32"], work / FILES["ov-int8"],
+                openvino_int8.calibration_inputs(work / "tokenizer.json", preset.max_length))
+            add_variant(manifest, work, "ov-int8")
+            add_variant(manifest, work, "ov-bf16")
+
+        _step(total, total, f"writing the artifact to {out}")
+        manifest.write(work)
         if out.exists():
             shutil.rmtree(out)
         work.rename(out)
@@ -129,6 +142,16 @@ def export_artifact(model: str, out: Path, options: ExportOptions = ExportOption
         shutil.rmtree(work, ignore_errors=True)
         raise
     return out
+
+
+def _openvino_exporter_installed() -> bool:
+    import importlib.util
+
+    missing = [m for m in ("openvino", "nncf") if importlib.util.find_spec(m) is None]
+    if missing:
+        log.warning("skipping the OpenVINO variants: %s not installed (pip install 'corom-onnx[openvino]')",
+                    " and ".join(missing))
+    return not missing
 
 
 def _calibration_batches(tokenizer_file: Path, max_length: int, n: int = 256, batch: int = 16):

@@ -12,6 +12,7 @@ import inspect
 import random
 import re
 import warnings
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -85,21 +86,47 @@ def sentences() -> list[str]:
     return list(out)
 
 
-def build_corpus(n_queries: int = 200, n_passages: int = 2000, seed: int = 0) -> Corpus:
-    """Passages of mixed length (a few words to over 128 tokens) and short queries drawn from them.
+SPLITS = ("eval", "calibration")
+WORKLOADS = ("mixed", "long")
+
+
+def in_split(paragraph: str, split: str) -> bool:
+    """About one paragraph in eight is calibration text; the rest is evaluation text: quantizers are
+    calibrated on text that the parity gates and benchmarks never evaluate."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    calibration = zlib.crc32(paragraph.encode("utf-8")) % 8 == 0
+    return calibration == (split == "calibration")
+
+
+def _target_words(rng: random.Random, workload: str) -> int:
+    if workload == "mixed":
+        # log-uniform lengths: as many short passages as long ones, some beyond the max length
+        return int(round(2 ** rng.uniform(0, 7.3)))
+    # MS MARCO-like passages: 24-128 tokens, mean ~94 (about 1.3 tokens a word, the longest cut at 128)
+    return rng.randint(30, 175)
+
+
+def build_corpus(n_queries: int = 200, n_passages: int = 2000, seed: int = 0, split: str = "eval",
+                 workload: str = "mixed") -> Corpus:
+    """Passages and short queries drawn from them, from one split of the docstring paragraphs.
+
+    workload "mixed": a few words to over 128 tokens (log-uniform); "long": MS MARCO-like passages
+    of 24-128 tokens, mean ~94.
 
     >>> c = build_corpus(10, 50); len(c.queries), len(c.passages)
     (10, 50)
     """
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload must be one of {WORKLOADS}, got {workload!r}")
     rng = random.Random(seed)
-    pool = [p for p in paragraphs() if len(p.split()) >= 3]
+    pool = [p for p in paragraphs() if len(p.split()) >= 3 and in_split(p, split)]
     passages: dict[str, None] = {}
     attempts = 0
     while len(passages) < n_passages and attempts < n_passages * 50:
         attempts += 1
-        words = " ".join(pool[(rng.randrange(len(pool)) + i) % len(pool)] for i in range(3)).split()
-        # log-uniform lengths: as many short passages as long ones, some beyond the max length
-        target = int(round(2 ** rng.uniform(0, 7.3)))
+        words = " ".join(pool[(rng.randrange(len(pool)) + i) % len(pool)] for i in range(4)).split()
+        target = _target_words(rng, workload)
         start = rng.randrange(max(1, len(words) - target))
         passages.setdefault(" ".join(words[start:start + target]), None)
     plist = list(passages)
@@ -110,7 +137,21 @@ def build_corpus(n_queries: int = 200, n_passages: int = 2000, seed: int = 0) ->
         source = plist[rng.randrange(len(plist))].split()
         if len(source) < 4:
             continue
-        n = rng.randint(3, min(12, len(source)))
+        n = rng.randint(3, min(12, len(source))) if workload == "mixed" else rng.randint(5, min(10, len(source)))
         start = rng.randrange(len(source) - n + 1)
         queries.setdefault(" ".join(source[start:start + n]), None)
     return Corpus(queries=list(queries), passages=plist)
+
+
+def snippets(n: int, seed: int = 5, split: str = "calibration", max_words: int = 4) -> list[str]:
+    """`n` snippets of 1 to `max_words` words: the one-word queries and titles that int8 calibration
+    must also see (without them a 3-token input fell to cos 0.975 in the OpenVINO int8 graph)."""
+    rng = random.Random(seed)
+    pool = [p for p in paragraphs() if in_split(p, split)]
+    out = []
+    while len(out) < n:
+        words = pool[rng.randrange(len(pool))].split()
+        k = rng.randint(1, max_words)
+        start = rng.randrange(max(1, len(words) - k))
+        out.append(" ".join(words[start:start + k]))
+    return out

@@ -6,23 +6,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from corom_runtime.engines import Gate  # the gates live in the engine table, beside each variant
+
 from .stsb import cosine_rows
-
-
-@dataclass(frozen=True)
-class Gate:
-    min_cosine: float
-    top10_agreement: float = 0.0
-    finite: bool = True
-
-
-# DESIGN.md's gates; tighten them when measured better.
-GATES = {
-    "fp32": Gate(min_cosine=0.99999),
-    "opt": Gate(min_cosine=0.99999),
-    "fp16": Gate(min_cosine=0.999),
-    "int8": Gate(min_cosine=0.98, top10_agreement=0.9),
-}
 
 
 @dataclass(frozen=True)
@@ -34,6 +20,8 @@ class Parity:
     finite: bool
     texts: int
     queries: int
+    # min cosine of a text embedded alone vs inside mixed-length batches (1.0 until measured)
+    batch_invariance: float = 1.0
 
     def failures(self, gate: Gate) -> list[str]:
         out = []
@@ -43,6 +31,8 @@ class Parity:
             out.append(f"min cosine {self.min_cosine:.6f} < {gate.min_cosine}")
         if not self.top10_agreement >= gate.top10_agreement:
             out.append(f"top-10 agreement {self.top10_agreement:.4f} < {gate.top10_agreement}")
+        if not self.batch_invariance >= gate.batch_invariance:
+            out.append(f"batch invariance {self.batch_invariance:.6f} < {gate.batch_invariance}")
         return out
 
     def to_dict(self) -> dict:
@@ -56,6 +46,11 @@ def top_k(queries: np.ndarray, passages: np.ndarray, score: str, k: int = 10) ->
     scores = queries @ passages.T
     k = min(k, passages.shape[0])
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def batch_invariance(alone: np.ndarray, in_batches: np.ndarray) -> float:
+    """Min cosine between each text's vector embedded alone and inside a mixed batch."""
+    return float(cosine_rows(alone, in_batches).min()) if len(alone) else 1.0
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, n_queries: int, score: str) -> Parity:

@@ -7,7 +7,9 @@ the same tokenized texts as the reference, so the figures are those users get.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import random
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +18,13 @@ import torch
 from corom_runtime import Embedder
 from corom_runtime.artifact import load_artifact
 from corom_runtime.batching import pad_batch, plan_batches
+from corom_runtime.engines import VARIANTS, Gate, engine_installed
 from corom_runtime.errors import CoromError
+from corom_runtime.selection import cpu_model
 from corom_runtime.tokenization import TextTokenizer, TokenizedText
 
 from .corpus import build_corpus
-from .manifest import write_manifest
-from .parity import GATES, Gate, Parity, compare
+from .parity import Parity, batch_invariance, compare
 from .reference import SentenceEncoder, build_reference
 from .sources import resolve
 from .stsb import find_stsb, load_pairs, stsb_spearman
@@ -37,6 +40,8 @@ class VariantResult:
     measured_with: str
     failures: list[str]
     stsb_spearman: float | None = None
+    skipped: str | None = None  # why it was not measured here (its engine is not installed)
+    speed: dict = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -52,22 +57,28 @@ class VerifyReport:
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.results)
+        """Every variant measured here passed (variants whose engine is absent are skipped, not failed)."""
+        return all(r.passed for r in self.results if r.skipped is None)
 
     def table(self) -> str:
-        head = f"{'variant':8} {'min cos':>10} {'max |diff|':>11} {'top-10':>7} {'STSb':>7} {'gate':>6}  measured with"
+        head = (f"{'variant':8} {'min cos':>10} {'max |diff|':>11} {'top-10':>7} {'batch inv':>10} {'STSb':>7} "
+                f"{'texts/s':>8} {'gate':>6}  measured with")
         lines = [head, "-" * len(head)]
         if self.reference_stsb is not None:
-            lines.append(f"{'pytorch':8} {1.0:>10.6f} {0.0:>11.2e} {1.0:>7.4f} {self.reference_stsb:>7.4f} {'ref':>6}  torch")
+            lines.append(f"{'pytorch':8} {1.0:>10.6f} {0.0:>11.2e} {1.0:>7.4f} {1.0:>10.7f} "
+                         f"{self.reference_stsb:>7.4f} {'-':>8} {'ref':>6}  torch")
         for r in self.results:
             p = r.parity
             stsb = f"{r.stsb_spearman:.4f}" if r.stsb_spearman is not None else "-"
             if p is None:
-                lines.append(f"{r.variant:8} {'-':>10} {'-':>11} {'-':>7} {stsb:>7} {'FAIL':>6}  {'; '.join(r.failures)}")
+                state = "skip" if r.skipped else "FAIL"
+                lines.append(f"{r.variant:8} {'-':>10} {'-':>11} {'-':>7} {'-':>10} {stsb:>7} {'-':>8} {state:>6}  "
+                             f"{r.skipped or '; '.join(r.failures)}")
                 continue
+            speed = f"{r.speed['texts_per_s']:.0f}" if r.speed else "-"
             lines.append(f"{r.variant:8} {p.min_cosine:>10.6f} {p.max_abs_diff:>11.2e} {p.top10_agreement:>7.4f} "
-                         f"{stsb:>7} {'pass' if r.passed else 'FAIL':>6}  {r.measured_with}"
-                         + ("" if r.passed else f"  ({'; '.join(r.failures)})"))
+                         f"{p.batch_invariance:>10.7f} {stsb:>7} {speed:>8} {'pass' if r.passed else 'FAIL':>6}  "
+                         f"{r.measured_with}" + ("" if r.passed else f"  ({'; '.join(r.failures)})"))
         if self.stsb_skipped:
             lines.append(f"STSb skipped: {self.stsb_skipped}")
         return "\n".join(lines)
@@ -82,6 +93,28 @@ def reference_embed(encoder: SentenceEncoder, items: list[TokenizedText], dim: i
     return out
 
 
+def measure_batch_invariance(embedder: Embedder, items: list[TokenizedText], n: int = 64, batch: int = 16,
+                             seed: int = 0) -> float:
+    """Min cosine between `n` texts embedded alone and the same texts inside unsorted mixed-length
+    batches (each padded to its longest, as a server's batch of concurrent requests would be)."""
+    rng = random.Random(seed)
+    picked = rng.sample(items, min(n, len(items)))
+    alone = np.concatenate([embedder.session.run(*pad_batch([item])) for item in picked])
+    mixed = np.concatenate([embedder.session.run(*pad_batch(picked[i:i + batch])) for i in range(0, len(picked), batch)])
+    return batch_invariance(alone, mixed)
+
+
+def measure_speed(embedder: Embedder, items: list[TokenizedText]) -> dict:
+    """texts/s of the runtime's own path over `items` (after a warm-up), with the CPU and threads:
+    `variant="auto"` prefers the fastest variant measured on the same CPU and thread count."""
+    embedder.embed_tokenized(items[:64])
+    start = time.perf_counter()
+    embedder.embed_tokenized(items)
+    seconds = time.perf_counter() - start
+    return {"texts_per_s": round(len(items) / seconds, 1), "cpu": cpu_model(), "threads": embedder.info.threads,
+            "texts": len(items), "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
 def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, variants: list[str] | None = None,
                     stsb: bool = True, threads: int | None = None, write: bool = True) -> VerifyReport:
     """Measure every variant's parity (and STSb Spearman); record the figures and `passed` in the manifest."""
@@ -93,7 +126,7 @@ def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, va
         raise CoromError(f"{path} has no variant(s) {sorted(unknown)}; it has {sorted(artifact.variants)}")
     if threads:
         torch.set_num_threads(threads)
-    checkpoint = resolve(manifest["source"])
+    checkpoint = resolve(manifest.source)
     encoder = build_reference(checkpoint, artifact.pooling, artifact.normalize)
     tokenizer = TextTokenizer.from_file(artifact.tokenizer_path, artifact.max_length)
     corpus = build_corpus(n_queries=n_queries, n_passages=n_passages)
@@ -112,29 +145,43 @@ def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, va
             lambda texts: reference_embed(encoder, tokenizer.encode(texts), artifact.dim), pairs)
 
     for name in names:
-        gate = GATES[name]
+        entry = artifact.variants[name]
+        gate = VARIANTS[name].gate if name in VARIANTS else Gate(min_cosine=1.0)
+        if not engine_installed(entry.engine):
+            report.results.append(VariantResult(name, None, gate, "-", [], skipped=f"{entry.engine} is not installed"))
+            print(f"  {name}: skipped ({entry.engine} is not installed)", flush=True)
+            continue
+        if "cpu" not in entry.devices:
+            report.results.append(VariantResult(name, None, gate, "-", [], skipped="not a CPU variant"))
+            continue
         try:
             embedder = Embedder.load(artifact.path, variant=name, device="cpu", threads=threads, warmup=False)
         except CoromError as exc:
             report.results.append(VariantResult(name, None, gate, "-", [f"cannot run on the CPU: {exc}"]))
             continue
         candidate = embedder.embed_tokenized(items)
-        parity = compare(reference, candidate, n_queries, artifact.score)
-        result = VariantResult(name, parity, gate, "CPUExecutionProvider", parity.failures(gate))
+        parity = replace(compare(reference, candidate, n_queries, artifact.score),
+                         batch_invariance=measure_batch_invariance(embedder, items[n_queries:]))
+        result = VariantResult(name, parity, gate, ", ".join(embedder.info.providers), parity.failures(gate),
+                               speed=measure_speed(embedder, items))
         if pairs is not None:
             result.stsb_spearman = stsb_spearman(embedder.encode, pairs)
         report.results.append(result)
-        print(f"  {name}: min cos {parity.min_cosine:.6f}, top-10 {parity.top10_agreement:.4f} "
+        print(f"  {name}: min cos {parity.min_cosine:.6f}, top-10 {parity.top10_agreement:.4f}, batch invariance "
+              f"{parity.batch_invariance:.7f}, {result.speed['texts_per_s']:.0f} texts/s "
               f"-> {'pass' if result.passed else 'FAIL'}", flush=True)
 
     if write:
         for r in report.results:
-            entry = manifest["variants"][r.variant]
-            entry["passed"] = r.passed
-            entry["parity"] = {**(r.parity.to_dict() if r.parity else {}), "gate": vars(r.gate),
-                               "measured_with": r.measured_with, "failures": r.failures,
-                               "stsb_spearman": r.stsb_spearman}
-        manifest["quality"] = {"stsb_dev_spearman_reference": report.reference_stsb,
-                               "stsb_skipped": report.stsb_skipped}
-        write_manifest(artifact.path, manifest)
+            if r.skipped:
+                continue
+            entry = manifest.variants[r.variant]
+            entry.passed = r.passed
+            entry.speed = r.speed
+            entry.parity = {**(r.parity.to_dict() if r.parity else {}), "gate": vars(r.gate),
+                            "measured_with": r.measured_with, "failures": r.failures,
+                            "stsb_spearman": r.stsb_spearman}
+        manifest.quality = {"stsb_dev_spearman_reference": report.reference_stsb,
+                            "stsb_skipped": report.stsb_skipped}
+        manifest.write(artifact.path)
     return report

@@ -1,22 +1,18 @@
-"""The artifact folder written by `corom export`: manifest, tokenizer and ONNX variants.
+"""The artifact folder written by `corom export`: manifest, tokenizer and variant graphs.
 
-The manifest is the contract between exporter and runtime. Loading checks it and the checksums
-of the files actually used, and names the file and the rebuild command when something is off.
+Loading validates the manifest as a whole (see `manifest.Manifest`); the checksums of the files
+actually used are checked when a variant is opened, and errors name the file and the rebuild command.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ArtifactError
+from .manifest import MANIFEST, Manifest, VariantEntry
 from .presets import build_dir
-
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-VARIANTS = ("fp32", "opt", "fp16", "int8")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -28,55 +24,47 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 @dataclass(frozen=True)
-class Variant:
-    name: str
-    file: str
-    sha256: str
-    precision: str
-    providers: list[str]
-    passed: bool
-    parity: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class Artifact:
     """A validated artifact folder. Use `load_artifact` to get one."""
 
     path: Path
-    manifest: dict
-    variants: dict[str, Variant]
+    manifest: Manifest
+
+    @property
+    def variants(self) -> dict[str, VariantEntry]:
+        return self.manifest.variants
 
     @property
     def name(self) -> str:
-        return self.manifest["name"]
+        return self.manifest.name
 
     @property
     def pooling(self) -> str:
-        return self.manifest["pooling"]
+        return self.manifest.pooling
 
     @property
     def normalize(self) -> bool:
-        return bool(self.manifest["normalize"])
+        return self.manifest.normalize
 
     @property
     def score(self) -> str:
-        return self.manifest["score"]
+        return self.manifest.score
 
     @property
     def max_length(self) -> int:
-        return int(self.manifest["max_length"])
+        return self.manifest.max_length
 
     @property
     def dim(self) -> int:
-        return int(self.manifest["embedding_dim"])
+        return self.manifest.embedding_dim
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.path / self.manifest["tokenizer"]["file"]
+        return self.path / self.manifest.tokenizer.file
 
     @property
     def rebuild_hint(self) -> str:
-        model = self.manifest.get("source_preset") or self.manifest.get("source", "MODEL")
+        model = self.manifest.source_preset or self.manifest.source or "MODEL"
         return f"rebuild it with `corom export {model} --out {self.path} --force`"
 
     def variant_path(self, name: str) -> Path:
@@ -96,6 +84,16 @@ class Artifact:
             )
         return path
 
+    def check_variant(self, name: str) -> Path:
+        """Check every file of variant `name`; return the path of its graph."""
+        entry = self.variants[name]
+        for relative, sha in entry.files():
+            self.check_file(relative, sha)
+        return self.path / entry.file
+
+    def check_tokenizer(self) -> Path:
+        return self.check_file(self.manifest.tokenizer.file, self.manifest.tokenizer.sha256)
+
 
 def resolve_path(path_or_preset: str | Path) -> Path:
     """An artifact folder, or a preset name standing for `models/build/NAME`."""
@@ -113,24 +111,4 @@ def resolve_path(path_or_preset: str | Path) -> Path:
 def load_artifact(path_or_preset: str | Path) -> Artifact:
     """Read and validate the manifest of an artifact folder (checksums are checked per file on use)."""
     folder = resolve_path(path_or_preset)
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        raise ArtifactError(f"{manifest_path} is missing: {folder} is not a corom export; run `corom export`")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{manifest_path} is not valid JSON ({exc}); re-run `corom export --force`") from exc
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{manifest_path} has format_version {manifest.get('format_version')!r}; this runtime reads "
-            f"{FORMAT_VERSION}: re-export with this version of corom-onnx"
-        )
-    missing = [k for k in ("name", "pooling", "normalize", "score", "max_length", "embedding_dim",
-                           "tokenizer", "variants") if k not in manifest]
-    if missing:
-        raise ArtifactError(f"{manifest_path} lacks {missing}; re-run `corom export --force`")
-    try:
-        variants = {name: Variant(name=name, **spec) for name, spec in manifest["variants"].items()}
-    except TypeError as exc:
-        raise ArtifactError(f"{manifest_path}: malformed variant entry ({exc})") from exc
-    return Artifact(path=folder, manifest=manifest, variants=variants)
+    return Artifact(path=folder, manifest=Manifest.read(folder / MANIFEST))

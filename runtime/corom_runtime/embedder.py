@@ -11,9 +11,11 @@ import numpy as np
 
 from .artifact import Artifact, load_artifact
 from .batching import pad_batch, plan_batches
+from .engines import ENGINES, VARIANTS, engine_installed
 from .errors import ArtifactError
-from .providers import AUTO_VARIANT, SessionSettings, choose_device
-from .session import EncoderSession
+from .providers import SessionSettings, ort_devices
+from .selection import Machine, choose_device, choose_variant, cpu_model
+from .session import EncoderSession, open_session
 from .tokenization import TextTokenizer, TokenizedText, check_texts
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,9 @@ class EmbedderInfo:
     artifact: str
     model: str
     variant: str
+    engine: str
     precision: str
+    recipe: str
     device: str
     providers: list[str]
     threads: int
@@ -53,18 +57,20 @@ class ItemReport:
     truncated: bool
 
 
-def _pick_variant(artifact: Artifact, variant: str, device: str) -> str:
-    if variant != "auto":
-        if variant not in artifact.variants:
-            raise ArtifactError(
-                f"variant {variant!r} is not in {artifact.path}; it has {sorted(artifact.variants)}"
-            )
-        return variant
-    for candidate in (AUTO_VARIANT[device], "opt", "fp32"):
-        spec = artifact.variants.get(candidate)
-        if spec is not None and spec.passed:
-            return candidate
-    raise ArtifactError(f"no variant in {artifact.path} passed its parity gate; {artifact.rebuild_hint}")
+def present_devices(engines: frozenset[str], want_openvino_devices: bool) -> tuple[str, ...]:
+    """Devices present here: ONNX Runtime's providers, plus OpenVINO's where asked (it costs an import)."""
+    present = list(ort_devices())
+    if want_openvino_devices and "openvino" in engines:
+        from .openvino_session import openvino_devices
+
+        present += [d for d in openvino_devices() if d not in present]
+    return tuple(present)
+
+
+def this_machine(threads: int, device: str) -> Machine:
+    engines = frozenset(name for name in ENGINES if engine_installed(name))
+    return Machine(devices=present_devices(engines, device in ("gpu", "npu")), engines=engines,
+                   cpu=cpu_model(), threads=threads)
 
 
 class Embedder:
@@ -86,7 +92,8 @@ class Embedder:
         self.tokenizer = tokenizer
         spec = artifact.variants[variant]
         self.info = EmbedderInfo(
-            artifact=str(artifact.path), model=artifact.name, variant=variant, precision=spec.precision,
+            artifact=str(artifact.path), model=artifact.name, variant=variant, engine=spec.engine,
+            precision=spec.precision, recipe=spec.recipe,
             device=session.device, providers=list(session.providers), threads=session.threads,
             max_length=artifact.max_length, dim=artifact.dim, pooling=artifact.pooling,
             normalize=artifact.normalize, score=artifact.score, parity=dict(spec.parity),
@@ -106,31 +113,44 @@ class Embedder:
     ) -> "Embedder":
         """Load an artifact folder (or a preset name: `models/build/NAME`).
 
-        variant: "auto" (fp16 on CUDA, the plain fp32 graph as TensorRT's input, int8 on CPU), or
-        one of fp32, opt, fp16, int8. device: "auto", "cpu", "cuda" or "tensorrt"; an absent
-        provider raises `ProviderUnavailableError` unless `allow_fallback` lets it run on the CPU.
+        variant: "auto" picks, among the variants that passed their gate and whose engine is
+        installed, the fastest that `corom verify` measured on this CPU (else the engine table's
+        order: OpenVINO int8, OpenVINO bf16, ONNX Runtime int8, ...; fp16 on CUDA, the plain graph on
+        TensorRT); or a name from `corom_runtime.engines.VARIANTS`. device: "auto" (the first
+        accelerator present, else "cpu"), "cpu", "cuda", "tensorrt", or OpenVINO's "gpu"/"npu"; an
+        absent device raises `ProviderUnavailableError` unless `allow_fallback` lets it run on the CPU.
+        `embedder.info` shows every choice.
         """
         artifact = load_artifact(path_or_preset)
-        chosen_device = choose_device(device, allow_fallback=allow_fallback)
-        name = _pick_variant(artifact, variant, chosen_device)
+        settings = settings or SessionSettings()
+        if threads is not None:
+            if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+                raise ValueError(f"threads must be a whole number of at least 1, got {threads!r}")
+            settings = SessionSettings(**{**asdict(settings), "threads": threads})
+        machine = this_machine(settings.resolved_threads(), device)
+        supported = artifact.variants[variant].devices if variant in artifact.variants else None
+        chosen_device = choose_device(device, machine.devices, allow_fallback, tuple(supported) if supported else None)
+        name = choose_variant(artifact.variants, variant, chosen_device, machine, artifact.path)
         spec = artifact.variants[name]
         if not spec.passed:
             log.warning("variant %s of %s did not pass its parity gate: %s", name, artifact.path, spec.parity)
-        model_path = artifact.check_file(spec.file, spec.sha256)
-        tokenizer_path = artifact.check_file(artifact.manifest["tokenizer"]["file"], artifact.manifest["tokenizer"]["sha256"])
-        settings = settings or SessionSettings()
-        if threads is not None:
-            if threads < 1:
-                raise ValueError(f"threads must be at least 1, got {threads}")
-            settings = SessionSettings(**{**asdict(settings), "threads": threads})
-        session = EncoderSession(model_path, chosen_device, settings, spec.sha256, artifact.max_length)
+        model_path = artifact.check_variant(name)
+        tokenizer_path = artifact.check_tokenizer()
+        session = open_session(spec, model_path, chosen_device, settings, artifact.max_length)
         try:
             tokenizer = TextTokenizer.from_file(tokenizer_path, artifact.max_length)
         except Exception as exc:
             raise ArtifactError(f"{tokenizer_path} is not a valid tokenizer ({exc}); {artifact.rebuild_hint}") from exc
+        # one tiny run always: it proves the graph's width is the manifest's (a wrong embedding_dim
+        # would otherwise surface as a broadcasting error in the middle of someone's batch)
+        probe = session.run(*pad_batch(tokenizer.encode(["warm up"])))
+        if probe.ndim != 2 or probe.shape[1] != artifact.dim:
+            raise ArtifactError(
+                f"{artifact.path / 'manifest.json'}: field 'embedding_dim' is {artifact.dim} but {model_path.name} "
+                f"outputs shape {list(probe.shape)}; {artifact.rebuild_hint}")
         embedder = cls(artifact, name, session, tokenizer)
-        if warmup:
-            embedder.encode(["warm up"])
+        if warmup:  # a second, batched run: the engines allocate their buffers for more than one row
+            embedder.encode(["warm up", "a somewhat longer warm-up text of a few more tokens"])
         log.info("loaded %s", embedder.info)
         return embedder
 

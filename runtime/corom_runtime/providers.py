@@ -1,4 +1,4 @@
-"""Execution provider selection and ONNX Runtime session settings (CPU, CUDA, TensorRT)."""
+"""ONNX Runtime's execution providers (CPU, CUDA, TensorRT) and the session settings every engine reads."""
 
 from __future__ import annotations
 
@@ -11,12 +11,10 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from .errors import ProviderUnavailableError
 from .threads import available_cpus
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 PROVIDER_OF = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
@@ -28,14 +26,11 @@ GRAPH_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-# The variant each device runs when the caller says variant="auto": TensorRT builds its own fp16
-# engine from the plain graph; CUDA runs the fused fp16 graph; a CPU runs int8.
-AUTO_VARIANT = {"tensorrt": "fp32", "cuda": "fp16", "cpu": "int8"}
 
 
 @dataclass(frozen=True)
 class SessionSettings:
-    """Knobs of an ONNX Runtime session. `threads=None` means the CPUs this process may use."""
+    """Knobs of a session (ONNX Runtime's or OpenVINO's). `threads=None`: the CPUs this process may use."""
 
     threads: int | None = None
     graph_optimization: str = "all"
@@ -53,29 +48,10 @@ class SessionSettings:
         return self.threads if self.threads else available_cpus()
 
 
-def available_devices() -> list[str]:
+def ort_devices() -> list[str]:
+    """Our device names for the providers this onnxruntime build offers, accelerators first."""
     have = set(ort.get_available_providers())
     return [d for d in ("tensorrt", "cuda", "cpu") if PROVIDER_OF[d] in have]
-
-
-def choose_device(device: str, allow_fallback: bool = False) -> str:
-    """Resolve "auto" to the best provider present; refuse an absent one unless fallback is allowed."""
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-    present = available_devices()
-    if device == "auto":
-        return present[0]
-    if device in present:
-        return device
-    message = (
-        f"{PROVIDER_OF[device]} is not available in this onnxruntime build "
-        f"(onnxruntime {ort.__version__} offers {ort.get_available_providers()})"
-    )
-    if allow_fallback:
-        log.warning("%s; falling back to CPU as allowed", message)
-        return "cpu"
-    hint = "install onnxruntime-gpu (pip install 'corom-onnx[gpu]') on a machine with an NVIDIA GPU"
-    raise ProviderUnavailableError(f"{message}: {hint}, or use device='cpu'")
 
 
 def session_options(settings: SessionSettings) -> ort.SessionOptions:

@@ -1,4 +1,9 @@
-"""One ONNX Runtime session for one variant: `(input_ids, attention_mask) -> embeddings`."""
+"""Sessions: one engine running one variant, `(input_ids, attention_mask) -> embeddings`.
+
+`open_session` is the seam the `Embedder` talks to; the engine table (`engines.py`) says which
+class serves a variant. ONNX Runtime's session lives here; OpenVINO's in `openvino_session`
+(imported only when used: it is an optional extra).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from typing import Protocol
+
 from .errors import ArtifactError
+from .manifest import VariantEntry
 from .providers import SessionSettings, provider_list, session_options
 
 log = logging.getLogger(__name__)
@@ -16,8 +24,28 @@ log = logging.getLogger(__name__)
 INPUT_IDS, ATTENTION_MASK, OUTPUT = "input_ids", "attention_mask", "sentence_embedding"
 
 
-class EncoderSession:
-    """Runs the sentence-embedding graph. Thread-safe: ONNX Runtime's `run` may be called concurrently."""
+class EncoderSession(Protocol):
+    """What every engine's session offers the `Embedder` and the `DynamicBatcher`."""
+
+    device: str
+    threads: int
+    providers: list[str]
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
+
+
+def open_session(entry: VariantEntry, model_path: Path, device: str, settings: SessionSettings,
+                 max_length: int) -> EncoderSession:
+    """Open `entry`'s graph on `device` with the engine the manifest names."""
+    if entry.engine == "openvino":
+        from .openvino_session import OpenVINOSession
+
+        return OpenVINOSession(model_path, device, settings, entry.precision)
+    return ORTSession(model_path, device, settings, entry.sha256, max_length)
+
+
+class ORTSession:
+    """Runs the sentence-embedding graph on ONNX Runtime. Thread-safe: ONNX Runtime's `run` may be called concurrently."""
 
     def __init__(self, model_path: Path, device: str, settings: SessionSettings, model_sha256: str,
                  max_length: int) -> None:

@@ -1,0 +1,133 @@
+"""What runs where: the one table of engines, devices and variants that the whole codebase reads.
+
+The runtime (session choice, `variant="auto"`), the CLI (its choices and help), the exporter (which
+files to write, which gate each variant must pass), the benchmarks and the tests all read these
+three tables instead of spelling variant or device names themselves.
+
+- An **engine** is an inference library: ONNX Runtime (always installed) or OpenVINO (optional extra).
+- A **device** is what a caller asks for (`device="cpu"`); each belongs to one or more engines.
+- A **variant** is one graph file plus the engine and precision it is meant to run with. Two variants
+  may share a file (`ov-bf16` runs the plain fp32 graph with OpenVINO's bf16 inference precision).
+
+>>> VARIANTS["ov-int8"].engine, VARIANTS["ov-int8"].precision
+('openvino', 'int8')
+>>> [v.name for v in auto_order("cpu")][:2]
+['ov-int8', 'ov-bf16']
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    module: str            # the Python module that must be importable
+    install: str           # what to run when it is not
+    devices: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    engine: str            # the engine that drives it (cpu is driven by both: see VARIANTS)
+    accelerator: bool      # auto prefers accelerators, in table order
+    description: str
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What a variant must show against the PyTorch reference before it is marked passed."""
+
+    min_cosine: float
+    top10_agreement: float = 0.0
+    # min cosine between a text embedded alone and the same text inside mixed-length batches
+    batch_invariance: float = 0.0
+    finite: bool = True
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    name: str
+    file: str              # graph file inside the artifact (an OpenVINO IR .xml has its .bin beside it)
+    engine: str
+    precision: str         # what the matrix products run in: fp32 | fp16 | bf16 | int8
+    devices: tuple[str, ...]
+    gate: Gate
+    recipe: str            # how the exporter builds it, one line for `corom info` and the manifest
+    batch_invariant: bool  # whether the recipe keeps a text's vector independent of its batch mates
+
+
+ENGINES: dict[str, Engine] = {
+    "onnxruntime": Engine("onnxruntime", "onnxruntime", "pip install onnxruntime (or 'corom-onnx[gpu]')",
+                          ("cpu", "cuda", "tensorrt")),
+    "openvino": Engine("openvino", "openvino", "pip install 'corom-onnx[openvino]'", ("cpu", "gpu", "npu")),
+}
+
+DEVICES: dict[str, Device] = {
+    "tensorrt": Device("tensorrt", "onnxruntime", True, "NVIDIA GPU through ONNX Runtime's TensorRT provider"),
+    "cuda": Device("cuda", "onnxruntime", True, "NVIDIA GPU through ONNX Runtime's CUDA provider"),
+    "gpu": Device("gpu", "openvino", True, "Intel GPU through OpenVINO"),
+    "npu": Device("npu", "openvino", True, "Intel NPU through OpenVINO"),
+    "cpu": Device("cpu", "onnxruntime", False, "the CPU, through OpenVINO when installed, else ONNX Runtime"),
+}
+
+# Gates from DESIGN.md, tightened where measured better. Batch invariance is gated for the recipes
+# that promise it; ONNX Runtime's dynamic int8 scales activations per batch and is only recorded.
+_LOSSLESS = Gate(min_cosine=0.99999, batch_invariance=0.99999)
+_INT8 = Gate(min_cosine=0.98, top10_agreement=0.9)
+
+# Table order is the preference of `variant="auto"` when no speed was measured on this machine:
+# fastest first, among the variants that passed their gate.
+VARIANTS: dict[str, VariantSpec] = {v.name: v for v in (
+    VariantSpec("ov-int8", "model.ov-int8.xml", "openvino", "int8", ("cpu",),
+                Gate(min_cosine=0.98, top10_agreement=0.9, batch_invariance=0.999),
+                "NNCF static int8 calibrated on real text, FFN output projections kept in bf16", True),
+    VariantSpec("ov-bf16", "model.fp32.onnx", "openvino", "bf16", ("cpu", "gpu", "npu"),
+                Gate(min_cosine=0.9999, top10_agreement=0.98, batch_invariance=0.9999),
+                "the plain graph, OpenVINO inference precision bf16 (f32 where the CPU lacks bf16)", True),
+    VariantSpec("int8", "model.int8.onnx", "onnxruntime", "int8", ("cpu",), _INT8,
+                "ONNX Runtime dynamic int8 (per-batch activation scales), FFN kept fp32", False),
+    VariantSpec("opt", "model.opt.onnx", "onnxruntime", "fp32", ("cpu", "cuda"), _LOSSLESS,
+                "ONNX Runtime BERT fusions", True),
+    VariantSpec("fp16", "model.fp16.onnx", "onnxruntime", "fp16", ("cuda", "cpu"),
+                Gate(min_cosine=0.999, batch_invariance=0.999), "fp16 after fusion, LayerNorm/Softmax fp32", True),
+    VariantSpec("fp32", "model.fp32.onnx", "onnxruntime", "fp32", ("tensorrt", "cpu"), _LOSSLESS,
+                "plain export (TensorRT's input)", True),
+)}
+
+# Where the table order is not the answer: TensorRT builds its own fp16 engine from the plain graph.
+_AUTO_FIRST = {"tensorrt": "fp32", "cuda": "fp16"}
+
+
+def engine_installed(engine: str) -> bool:
+    """Whether the engine's module can be imported here (without importing it: that costs start time)."""
+    module = ENGINES[engine].module
+    if module in sys.modules:
+        return sys.modules[module] is not None  # None: import blocked on purpose
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def variant_names() -> list[str]:
+    return list(VARIANTS)
+
+
+def device_names() -> list[str]:
+    return ["auto", *DEVICES]
+
+
+def runs_on(spec: VariantSpec, device: str) -> bool:
+    return device in spec.devices
+
+
+def auto_order(device: str) -> list[VariantSpec]:
+    """The variants that can run on `device`, in the order `variant="auto"` tries them."""
+    candidates = [v for v in VARIANTS.values() if runs_on(v, device)]
+    first = _AUTO_FIRST.get(device)
+    return sorted(candidates, key=lambda v: v.name != first)

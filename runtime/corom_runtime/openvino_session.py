@@ -1,0 +1,108 @@
+"""The OpenVINO engine: runs an artifact's graph (ONNX or OpenVINO IR) on a CPU, Intel GPU or NPU.
+
+Imported only when an OpenVINO variant is opened: `openvino` is an optional extra.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from pathlib import Path
+
+import numpy as np
+
+from .engines import ENGINES
+from .errors import ArtifactError, ProviderUnavailableError
+from .providers import SessionSettings
+from .session import ATTENTION_MASK, INPUT_IDS, OUTPUT
+
+log = logging.getLogger(__name__)
+
+OV_DEVICE = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU"}
+OV_PRECISION = {"bf16": "bf16", "fp16": "f16", "fp32": "f32", "int8": "bf16"}
+
+
+def import_openvino():
+    try:
+        import openvino
+    except ImportError as exc:
+        raise ProviderUnavailableError(
+            f"this variant runs on OpenVINO, which is not installed: {ENGINES['openvino'].install} "
+            "(or choose an onnxruntime variant, e.g. variant='int8')"
+        ) from exc
+    return openvino
+
+
+def openvino_devices() -> list[str]:
+    """Our device names for what OpenVINO sees on this machine (e.g. ['cpu', 'gpu'])."""
+    ov = import_openvino()
+    seen = {d.split(".")[0] for d in ov.Core().available_devices}
+    return [name for name, ov_name in OV_DEVICE.items() if ov_name in seen]
+
+
+def compile_config(device: str, precision: str, settings: SessionSettings, capabilities: list[str]) -> dict:
+    """OpenVINO compile properties for one variant (a pure function, tested without OpenVINO).
+
+    One stream and the latency hint: batches come one at a time from our batcher, and one stream
+    with every thread on it is the fastest for a single request on a small CPU. bf16 only where the CPU
+    has it (else f32: an emulated bf16 is slower and no more faithful). int8 graphs keep their
+    non-quantized ops in bf16 too.
+    """
+    config: dict = {"PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": str(settings.cache_dir / "openvino")}
+    if device == "cpu":
+        wanted = OV_PRECISION[precision]
+        if wanted == "bf16" and "BF16" not in capabilities:
+            wanted = "f32"
+        config.update({"INFERENCE_NUM_THREADS": settings.resolved_threads(), "NUM_STREAMS": 1,
+                       "INFERENCE_PRECISION_HINT": wanted})
+    elif precision in ("fp32",):
+        config["INFERENCE_PRECISION_HINT"] = "f32"
+    return config
+
+
+class OpenVINOSession:
+    """`(input_ids, attention_mask) -> embeddings` on OpenVINO. Thread-safe: each call takes its own
+    infer request from a pool (created on demand), so concurrent callers never share buffers."""
+
+    def __init__(self, model_path: Path, device: str, settings: SessionSettings, precision: str) -> None:
+        ov = import_openvino()
+        self.device = device
+        self.threads = settings.resolved_threads()
+        core = ov.Core()
+        target = OV_DEVICE[device]
+        try:
+            capabilities = list(core.get_property(target, "OPTIMIZATION_CAPABILITIES"))
+        except RuntimeError as exc:
+            raise ProviderUnavailableError(f"OpenVINO has no {target} device on this machine ({exc})") from exc
+        config = compile_config(device, precision, settings, capabilities)
+        (settings.cache_dir / "openvino").mkdir(parents=True, exist_ok=True)
+        try:
+            # compile from the path, not a read model: that is what lets OpenVINO reuse its cache
+            self._compiled = core.compile_model(str(model_path), target, config)
+        except RuntimeError as exc:
+            raise ArtifactError(
+                f"OpenVINO cannot compile {model_path} for {target} ({exc}); if the file is damaged, "
+                "re-export it with `corom export ... --force`"
+            ) from exc
+        names = {name for port in self._compiled.inputs for name in port.get_names()}
+        if not {INPUT_IDS, ATTENTION_MASK} <= names:
+            raise ArtifactError(f"{model_path} has inputs {sorted(names)}, expected input_ids and attention_mask")
+        self._output = self._compiled.output(OUTPUT)
+        hint = self._compiled.get_property("INFERENCE_PRECISION_HINT") if device == "cpu" else None
+        # what the CPU plugin really runs the non-int8 ops in (bf16 only where the CPU has it)
+        self.inference_precision = hint.get_type_name() if hint is not None else config.get(
+            "INFERENCE_PRECISION_HINT", "default")
+        self.providers = [f"OpenVINO:{target}:{self.inference_precision}"]
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        try:
+            request = self._requests.get_nowait()
+        except queue.Empty:
+            request = self._compiled.create_infer_request()
+        try:
+            result = request.infer({INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask})
+            # the request reuses its output buffer on the next call: hand the caller its own copy
+            return np.array(result[self._output], dtype=np.float32, copy=True)
+        finally:
+            self._requests.put(request)

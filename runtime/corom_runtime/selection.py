@@ -1,0 +1,107 @@
+"""Which device and which variant to run: pure decisions over the engine table and a manifest.
+
+`Embedder.load` gathers the facts (devices present, engines installed, this CPU) and asks these
+functions; tests call them with made-up facts, no engine needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from .engines import DEVICES, ENGINES, VARIANTS
+from .errors import ArtifactError, ProviderUnavailableError
+from .manifest import VariantEntry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What this machine offers: devices present, engines installed, CPU model and threads."""
+
+    devices: tuple[str, ...]
+    engines: frozenset[str]
+    cpu: str
+    threads: int
+
+
+def choose_device(device: str, present: tuple[str, ...], allow_fallback: bool = False,
+                  supported: tuple[str, ...] | None = None) -> str:
+    """Resolve "auto" to the first present accelerator (table order) that `supported` allows, else
+    the CPU; refuse an absent device unless `allow_fallback` lets it fall back to the CPU (logged)."""
+    if device != "auto" and device not in DEVICES:
+        raise ValueError(f"device must be one of {['auto', *DEVICES]}, got {device!r}")
+    allowed = [d for d in DEVICES if d in present and (supported is None or d in supported)]
+    if device == "auto":
+        return allowed[0] if allowed else "cpu"
+    if device in present:
+        return device
+    engine = ENGINES[DEVICES[device].engine]
+    message = f"device {device!r} ({DEVICES[device].description}) is not available here (present: {list(present)})"
+    if allow_fallback:
+        log.warning("%s; falling back to the CPU as allowed", message)
+        return "cpu"
+    hint = {"cuda": "install onnxruntime-gpu (pip install 'corom-onnx[gpu]') on a machine with an NVIDIA GPU",
+            "tensorrt": "install onnxruntime-gpu with TensorRT on a machine with an NVIDIA GPU"}.get(
+        device, f"{engine.install}, on a machine with that device")
+    raise ProviderUnavailableError(f"{message}: {hint}, or use device='cpu'")
+
+
+def measured_speed(entry: VariantEntry, machine: Machine) -> float | None:
+    """texts/s that `corom verify` measured for this variant on this CPU with these threads, if any."""
+    speed = entry.speed or {}
+    if speed.get("cpu") == machine.cpu and speed.get("threads") == machine.threads:
+        value = speed.get("texts_per_s")
+        return float(value) if isinstance(value, (int, float)) else None
+    return None
+
+
+def choose_variant(variants: dict[str, VariantEntry], requested: str, device: str, machine: Machine,
+                   artifact: Path) -> str:
+    """The variant to run on `device`.
+
+    An explicit name must exist, suit the device and have its engine installed. "auto" takes, among
+    the variants that passed their gate, suit the device and whose engine is installed, the fastest
+    measured on this CPU and thread count; without a measurement, the engine table's order.
+    """
+    if requested != "auto":
+        entry = variants.get(requested)
+        if entry is None:
+            raise ArtifactError(f"variant {requested!r} is not in {artifact}; it has {sorted(variants)}")
+        if device not in entry.devices:
+            raise ArtifactError(f"variant {requested!r} is built for {entry.devices}, not {device!r}; "
+                                f"pick a device it runs on or another variant")
+        if entry.engine not in machine.engines:
+            raise ProviderUnavailableError(
+                f"variant {requested!r} runs on {entry.engine}, which is not installed: "
+                f"{ENGINES[entry.engine].install}")
+        return requested
+    order = [name for name in VARIANTS if name in variants] + [n for n in variants if n not in VARIANTS]
+    candidates = [n for n in order if variants[n].passed and device in variants[n].devices
+                  and variants[n].engine in machine.engines]
+    if not candidates:
+        skipped = [n for n in order if variants[n].passed and device in variants[n].devices]
+        why = (f"those that passed need {sorted({variants[n].engine for n in skipped})}, not installed"
+               if skipped else "none passed its parity gate for it")
+        raise ArtifactError(f"no variant of {artifact} can run on {device!r}: {why}")
+    timed = [(measured_speed(variants[n], machine), n) for n in candidates]
+    timed = [(s, n) for s, n in timed if s is not None]
+    if timed:
+        return max(timed)[1]
+    return candidates[0]
+
+
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name (as benchmark records and verify's speed entries spell it)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -1,0 +1,115 @@
+"""The engine table and the pure decisions made from it: no engine, no artifact, no threads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from corom_runtime.cli import build_parser
+from corom_runtime.engines import DEVICES, ENGINES, VARIANTS, auto_order, device_names, variant_names
+from corom_runtime.errors import ArtifactError, ProviderUnavailableError
+from corom_runtime.manifest import VariantEntry
+from corom_runtime.openvino_session import compile_config
+from corom_runtime.providers import SessionSettings
+from corom_runtime.selection import Machine, choose_device, choose_variant
+
+ART = Path("/artifacts/m")
+CPU = Machine(devices=("cpu",), engines=frozenset({"onnxruntime", "openvino"}), cpu="EPYC", threads=2)
+
+
+def entry(name: str, passed: bool = True, speed: float | None = None, cpu: str = "EPYC", threads: int = 2) -> VariantEntry:
+    e = VariantEntry.for_variant(name, sha256="0" * 64, weights_sha256="1" * 64)
+    e.passed = passed
+    if speed is not None:
+        e.speed = {"texts_per_s": speed, "cpu": cpu, "threads": threads}
+    return e
+
+
+def test_table_is_consistent():
+    for spec in VARIANTS.values():
+        assert spec.engine in ENGINES, spec
+        for device in spec.devices:
+            assert device in DEVICES and device in ENGINES[spec.engine].devices, (spec.name, device)
+        assert spec.gate.min_cosine > 0.9
+        # a recipe that promises batch invariance is gated on it
+        assert (spec.gate.batch_invariance > 0) == spec.batch_invariant, spec.name
+    for device in DEVICES.values():
+        assert device.engine in ENGINES and device.name in ENGINES[device.engine].devices
+
+
+def test_cli_choices_come_from_the_table():
+    sub = build_parser()._subparsers._group_actions[0].choices
+    actions = {a.dest: a for a in sub["info"]._actions}
+    assert list(actions["variant"].choices) == ["auto", *variant_names()]
+    assert list(actions["device"].choices) == device_names()
+    verify = {a.dest: a for a in sub["verify"]._actions}
+    assert list(verify["variants"].choices) == variant_names()
+
+
+def test_auto_order_puts_the_accelerator_recipe_first():
+    assert auto_order("tensorrt")[0].name == "fp32"
+    assert auto_order("cuda")[0].name == "fp16"
+    assert [v.name for v in auto_order("cpu")][:3] == ["ov-int8", "ov-bf16", "int8"]
+    assert all("cpu" in v.devices for v in auto_order("cpu"))
+
+
+def test_auto_picks_the_fastest_measured_on_this_cpu():
+    variants = {"int8": entry("int8", speed=300.0), "ov-int8": entry("ov-int8", speed=250.0),
+                "ov-bf16": entry("ov-bf16", speed=170.0), "opt": entry("opt", speed=120.0)}
+    assert choose_variant(variants, "auto", "cpu", CPU, ART) == "int8"
+    # a measurement from another CPU or thread count does not count: table order decides
+    other = {n: entry(n, speed=s, cpu="Xeon") for n, s in (("int8", 300.0), ("ov-bf16", 170.0))}
+    assert choose_variant(other, "auto", "cpu", CPU, ART) == "ov-bf16"
+    more_threads = Machine(CPU.devices, CPU.engines, "EPYC", threads=16)
+    assert choose_variant(variants, "auto", "cpu", more_threads, ART) == "ov-int8"
+
+
+def test_auto_skips_failed_gates_absent_engines_and_other_devices():
+    variants = {"ov-int8": entry("ov-int8", passed=False, speed=900.0), "ov-bf16": entry("ov-bf16", speed=500.0),
+                "int8": entry("int8", speed=100.0), "fp16": entry("fp16")}
+    assert choose_variant(variants, "auto", "cpu", CPU, ART) == "ov-bf16"
+    no_openvino = Machine(("cpu",), frozenset({"onnxruntime"}), "EPYC", 2)
+    assert choose_variant(variants, "auto", "cpu", no_openvino, ART) == "int8"
+    assert choose_variant(variants, "auto", "cuda", CPU, ART) == "fp16"
+    with pytest.raises(ArtifactError, match="no variant of /artifacts/m can run on 'cpu'.*openvino.*not installed"):
+        choose_variant({"ov-bf16": entry("ov-bf16")}, "auto", "cpu", no_openvino, ART)
+    with pytest.raises(ArtifactError, match="none passed its parity gate"):
+        choose_variant({"int8": entry("int8", passed=False)}, "auto", "cpu", CPU, ART)
+
+
+def test_explicit_variant_is_checked():
+    variants = {"int8": entry("int8"), "ov-int8": entry("ov-int8"), "fp16": entry("fp16")}
+    assert choose_variant(variants, "ov-int8", "cpu", CPU, ART) == "ov-int8"
+    with pytest.raises(ArtifactError, match=r"variant 'opt' is not in /artifacts/m; it has \['fp16', 'int8', 'ov-int8'\]"):
+        choose_variant(variants, "opt", "cpu", CPU, ART)
+    with pytest.raises(ArtifactError, match=r"built for \['cpu'\], not 'cuda'"):
+        choose_variant(variants, "int8", "cuda", CPU, ART)
+    no_openvino = Machine(("cpu",), frozenset({"onnxruntime"}), "EPYC", 2)
+    with pytest.raises(ProviderUnavailableError, match=r"runs on openvino, which is not installed: pip install 'corom-onnx\[openvino\]'"):
+        choose_variant(variants, "ov-int8", "cpu", no_openvino, ART)
+
+
+def test_choose_device():
+    assert choose_device("auto", ("cuda", "cpu")) == "cuda"
+    assert choose_device("auto", ("tensorrt", "cuda", "cpu")) == "tensorrt"
+    assert choose_device("auto", ("cpu",)) == "cpu"
+    assert choose_device("auto", ("cuda", "cpu"), supported=("cpu",)) == "cpu"  # an explicit CPU-only variant
+    with pytest.raises(ProviderUnavailableError, match=r"device 'cuda'.*not available.*onnxruntime-gpu"):
+        choose_device("cuda", ("cpu",))
+    with pytest.raises(ProviderUnavailableError, match=r"device 'gpu'.*corom-onnx\[openvino\]"):
+        choose_device("gpu", ("cpu",))
+    assert choose_device("tensorrt", ("cpu",), allow_fallback=True) == "cpu"
+    with pytest.raises(ValueError, match="device must be one of"):
+        choose_device("tpu", ("cpu",))
+
+
+def test_openvino_compile_config():
+    settings = SessionSettings(threads=3, cache_dir=Path("/c"))
+    bf16 = compile_config("cpu", "bf16", settings, ["FP32", "BF16", "INT8"])
+    assert bf16["INFERENCE_PRECISION_HINT"] == "bf16" and bf16["INFERENCE_NUM_THREADS"] == 3
+    assert bf16["NUM_STREAMS"] == 1 and bf16["CACHE_DIR"] == "/c/openvino"
+    # no native bf16 on this CPU: f32, not a slow emulation
+    assert compile_config("cpu", "bf16", settings, ["FP32", "INT8"])["INFERENCE_PRECISION_HINT"] == "f32"
+    assert compile_config("cpu", "int8", settings, ["FP32", "INT8"])["INFERENCE_PRECISION_HINT"] == "f32"
+    assert "INFERENCE_NUM_THREADS" not in compile_config("gpu", "bf16", settings, ["FP16"])
