@@ -16,7 +16,7 @@ from pathlib import Path
 def main() -> None:
     name, artifact, folder, threads = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
     start = time.perf_counter()
-    if name in ("corom-fp32", "corom-opt", "corom-int8"):
+    if name.startswith("corom-"):
         from corom_runtime import Embedder  # the lean path only: no benchmark helpers, no torch
 
         emb = Embedder.load(artifact, variant=name.split("-", 1)[1], device="cpu", threads=threads, warmup=False)

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from corom_runtime.selection import cpu_model  # one spelling of the CPU, shared with verify's speed records
 from corom_runtime.threads import available_cpus
 
 
@@ -19,16 +20,6 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def cpu_mhz() -> float | None:
@@ -73,7 +64,7 @@ def bert_flops_per_token(hidden: int, layers: int, intermediate: int, seq_len: f
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for dist in ("corom-onnx", "onnxruntime", "onnx", "torch", "transformers", "tokenizers", "optimum",
-                 "optimum-onnx", "sentence-transformers", "numpy"):
+                 "optimum-onnx", "sentence-transformers", "openvino", "nncf", "ctranslate2", "fastembed", "numpy"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

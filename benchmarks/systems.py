@@ -111,9 +111,7 @@ def optimum(folder: Path, threads: int, variant: str = "plain") -> Encode:
     from optimum.onnxruntime.configuration import AutoOptimizationConfig, AutoQuantizationConfig
     from transformers import AutoTokenizer
 
-    base_dir = CACHE / "optimum-plain"
-    if not (base_dir / "model.onnx").exists():
-        ORTModelForFeatureExtraction.from_pretrained(str(folder), export=True).save_pretrained(str(base_dir))
+    base_dir = _optimum_plain(folder)
     path, file = base_dir, "model.onnx"
     if variant == "O2":
         path, file = CACHE / "optimum-O2", "model_optimized.onnx"
@@ -134,6 +132,120 @@ def optimum(folder: Path, threads: int, variant: str = "plain") -> Encode:
             hidden = model(**enc).last_hidden_state
             out.append(_mean_pool_normalize(np.asarray(hidden), enc["attention_mask"]))
         return np.concatenate(out)
+
+    return encode
+
+
+def _optimum_plain(folder: Path) -> Path:
+    """The model's plain ONNX export with token outputs, as Optimum writes it (what OpenVINO and fastembed
+    users start from), with the tokenizer files beside it."""
+    from optimum.onnxruntime import ORTModelForFeatureExtraction
+
+    base_dir = CACHE / "optimum-plain"
+    if not (base_dir / "model.onnx").exists():
+        ORTModelForFeatureExtraction.from_pretrained(str(folder), export=True).save_pretrained(str(base_dir))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (folder / name).exists() and not (base_dir / name).exists():
+            shutil.copy(folder / name, base_dir / name)
+    return base_dir
+
+
+def _peer_calibration(folder: Path, n: int = 300) -> list[dict[str, np.ndarray]]:
+    """Calibration batches for the peers' static int8, from the calibration split (never evaluated)."""
+    from transformers import AutoTokenizer
+
+    from corom_export.corpus import build_corpus
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    c = build_corpus(n_queries=n // 10, n_passages=n, seed=1234, split="calibration", workload="long")
+    texts = c.queries + c.passages
+    out = []
+    for i in range(0, len(texts), 8):
+        enc = tok(texts[i:i + 8], padding=True, truncation=True, max_length=128, return_tensors="np")
+        out.append({k: v.astype(np.int64) for k, v in enc.items()})
+    return out
+
+
+def openvino(folder: Path, threads: int, mode: str = "bf16") -> Encode:
+    """OpenVINO as its users run it: the model's ONNX export, OpenVINO's CPU defaults (bf16 on a CPU that
+    has it), the latency hint; optionally NNCF int8 (weights + per-token dynamic activations, or static)."""
+    import openvino as ov
+    from transformers import AutoTokenizer
+
+    core = ov.Core()
+    onnx_path = _optimum_plain(folder) / "model.onnx"
+    config: dict = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    if mode == "bf16":
+        model = core.read_model(str(onnx_path))
+    elif mode == "int8-dynamic":
+        import nncf
+
+        model = nncf.compress_weights(core.read_model(str(onnx_path)), mode=nncf.CompressWeightsMode.INT8_ASYM)
+        config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 32
+    elif mode == "int8-static":
+        xml = CACHE / "openvino-nncf-static" / "model.xml"
+        if not xml.exists():
+            import nncf
+
+            quantized = nncf.quantize(core.read_model(str(onnx_path)), nncf.Dataset(_peer_calibration(folder)),
+                                      model_type=nncf.ModelType.TRANSFORMER, subset_size=300)
+            xml.parent.mkdir(parents=True, exist_ok=True)
+            ov.save_model(quantized, str(xml), compress_to_fp16=False)
+        model = core.read_model(str(xml))
+    else:
+        raise ValueError(mode)
+    compiled = core.compile_model(model, "CPU", config)
+    request = compiled.create_infer_request()
+    names = {n for port in compiled.inputs for n in port.get_names()}
+    tok = AutoTokenizer.from_pretrained(str(folder))
+
+    def encode(texts: list[str], batch_size: int) -> np.ndarray:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            enc = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=128, return_tensors="np")
+            feed = {k: v.astype(np.int64) for k, v in enc.items() if k in names}
+            hidden = request.infer(feed)[compiled.output(0)]
+            out.append(_mean_pool_normalize(np.asarray(hidden, dtype=np.float32), enc["attention_mask"]))
+        return np.concatenate(out)
+
+    return encode
+
+
+def ctranslate2_int8(folder: Path, threads: int) -> Encode:
+    """CTranslate2's int8 encoder, converted with its own Transformers converter."""
+    import ctranslate2
+    from ctranslate2.converters import TransformersConverter
+    from transformers import AutoTokenizer
+
+    out_dir = CACHE / "ctranslate2-int8"
+    if not (out_dir / "model.bin").exists():
+        TransformersConverter(str(folder)).convert(str(out_dir), quantization="int8", force=True)
+    encoder = ctranslate2.Encoder(str(out_dir), device="cpu", compute_type="int8", intra_threads=threads)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+
+    def encode(texts: list[str], batch_size: int) -> np.ndarray:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            ids = tok(texts[i:i + batch_size], truncation=True, max_length=128)["input_ids"]
+            hidden = np.asarray(encoder.forward_batch(ids).last_hidden_state, dtype=np.float32)
+            mask = np.zeros(hidden.shape[:2], dtype=np.int64)
+            for row, seq in enumerate(ids):
+                mask[row, :len(seq)] = 1
+            out.append(_mean_pool_normalize(hidden, mask))
+        return np.concatenate(out)
+
+    return encode
+
+
+def fastembed(folder: Path, threads: int) -> Encode:
+    """fastembed on the model's ONNX export, loaded from the local folder (no hub here)."""
+    from fastembed import TextEmbedding
+
+    model = TextEmbedding("sentence-transformers/all-MiniLM-L6-v2", specific_model_path=str(_optimum_plain(folder)),
+                          threads=threads)
+
+    def encode(texts: list[str], batch_size: int) -> np.ndarray:
+        return np.stack(list(model.embed(texts, batch_size=batch_size))).astype(np.float32)
 
     return encode
 
@@ -163,31 +275,35 @@ def smooth_artifact() -> Path:
 
 
 def all_systems(folder: Path, artifact: Path, threads: int, quick: bool, bf16_ok: bool) -> list[System]:
-    systems = [
-        System("pytorch-fp32", "reference", lambda: pytorch(folder, threads)),
-    ]
-    if bf16_ok:
+    """Every system, in the order they are run. `quick` keeps one of each kind."""
+    systems = [System("pytorch-fp32", "reference", lambda: pytorch(folder, threads))]
+    if bf16_ok and not quick:
         systems.append(System("pytorch-bf16", "reference", lambda: pytorch(folder, threads, bf16=True),
                               "torch.autocast bf16 (CPU has avx512_bf16/amx)"))
-    systems += [System("st-torch", "peer", lambda: sentence_transformers(folder, threads))]
     if not quick:
         systems += [
-            System("st-onnx", "peer", lambda: sentence_transformers(folder, threads, "onnx", "plain")),
+            System("st-torch", "peer", lambda: sentence_transformers(folder, threads)),
             System("st-onnx-O3", "peer", lambda: sentence_transformers(folder, threads, "onnx", "O3")),
             System("st-onnx-int8", "peer", lambda: sentence_transformers(folder, threads, "onnx", "int8"),
                    "sentence-transformers' avx512_vnni dynamic int8 export"),
-            System("optimum", "peer", lambda: optimum(folder, threads, "plain")),
             System("optimum-O2", "peer", lambda: optimum(folder, threads, "O2")),
             System("optimum-int8", "peer", lambda: optimum(folder, threads, "int8"),
                    "Optimum AutoQuantizationConfig.avx512_vnni, dynamic"),
-            System("corom-fp32", "corom", lambda: corom(artifact, threads, "fp32")),
+            System("ctranslate2-int8", "peer", lambda: ctranslate2_int8(folder, threads)),
+            System("fastembed", "peer", lambda: fastembed(folder, threads), "fp32 ONNX, batches in the given order"),
+            System("openvino-int8-dynamic", "peer", lambda: openvino(folder, threads, "int8-dynamic"),
+                   "NNCF int8 weights + per-token dynamic activation quantization (group 32)"),
         ]
     systems += [
+        System("openvino-bf16", "peer", lambda: openvino(folder, threads, "bf16"),
+               "OpenVINO CPU defaults on the ONNX export: bf16 on this CPU"),
+        System("openvino-nncf-int8", "peer", lambda: openvino(folder, threads, "int8-static"),
+               "NNCF static int8, transformer preset, everything quantized"),
         System("corom-opt", "corom", lambda: corom(artifact, threads, "opt")),
         System("corom-int8", "corom", lambda: corom(artifact, threads, "int8"),
-               "default int8 recipe: attention int8, FFN fp32"),
+               "ONNX Runtime dynamic int8 (attention int8, FFN fp32)"),
+        System("corom-ov-bf16", "corom", lambda: corom(artifact, threads, "ov-bf16"), "lossless CPU mode"),
+        System("corom-ov-int8", "corom", lambda: corom(artifact, threads, "ov-int8"),
+               "NNCF static int8, FFN output projections in bf16"),
     ]
-    if not quick:
-        systems.append(System("corom-int8-smooth", "corom", lambda: corom(smooth_artifact(), threads, "int8"),
-                              "int8 recipe 'smooth': FFN inputs SmoothQuant-rescaled and int8, FFN out fp32"))
     return systems
