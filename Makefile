@@ -20,6 +20,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(COROM) export $(MODEL) --out models/build/$(MODEL) --force
+	$(COROM) info --model models/build/$(MODEL)   # which variant `auto` picks on this machine, and why
 	$(COROM) embed --model models/build/$(MODEL) --report "how long it take to get a master degree" | cut -c1-160
 	$(COROM) score --model models/build/$(MODEL) \
 	  --source "how long it take to get a master degree" \
