@@ -216,3 +216,72 @@ def test_deadline_closes_a_partial_batch(embedder):
 def test_invalid_settings():
     with pytest.raises(ValueError):
         BatcherSettings(max_batch_size=0)
+
+
+def _entry(texts: int, longest: int, enqueued: float):
+    from corom_runtime.dynamic_batcher import Ticket, _Entry
+    from concurrent.futures import Future
+    from corom_runtime.tokenization import TokenizedText
+
+    return _Entry([TokenizedText([1] * longest, False)] * texts, Ticket(Future()), enqueued, longest)
+
+
+def test_decide_is_a_pure_function_of_queue_settings_and_time():
+    from corom_runtime.dynamic_batcher import Decision, decide
+
+    s = BatcherSettings(max_batch_size=8, max_batch_tokens=100, max_wait_ms=10)
+    assert decide([], s, 0.0, closing=False) == Decision(0, None)
+    queue = [_entry(2, 5, 1.0), _entry(3, 5, 1.001)]
+    assert decide(queue, s, 1.005, closing=False) == Decision(0, 1.010)    # wait for the oldest's deadline
+    assert decide(queue, s, 1.010, closing=False) == Decision(2)             # deadline reached: take both
+    assert decide(queue, s, 1.0, closing=True) == Decision(2)                # closing: no waiting
+    full = [_entry(4, 5, 1.0), _entry(4, 5, 1.0), _entry(4, 5, 1.0)]
+    assert decide(full, s, 1.0, closing=False) == Decision(2)                # size bound: 8 texts
+    wide = [_entry(2, 30, 1.0), _entry(2, 30, 1.0)]
+    assert decide(wide, s, 1.0, closing=False) == Decision(1)                # token bound: 4 x 30 > 100
+    assert decide([_entry(50, 128, 1.0)], s, 1.0, closing=False) == Decision(1)  # always at least one
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"max_wait_ms": float("inf")}, "max_wait_ms"), ({"max_wait_ms": float("nan")}, "max_wait_ms"),
+    ({"max_wait_ms": -1}, "max_wait_ms"), ({"max_batch_tokens": 0}, "max_batch_tokens"),
+    ({"max_batch_size": 2.5}, "max_batch_size"), ({"max_queue": True}, "max_queue"),
+])
+def test_settings_that_would_kill_the_worker_are_refused(kwargs, field, capsys):
+    from corom_runtime.cli import main as corom
+
+    with pytest.raises(ValueError, match=field):
+        BatcherSettings(**kwargs)
+    if field == "max_wait_ms":
+        assert corom(["serve", "--max-wait-ms", str(kwargs["max_wait_ms"])]) == 2
+        assert "max_wait_ms must be a finite number" in capsys.readouterr().err
+
+
+def test_a_worker_bug_fails_one_round_and_the_worker_goes_on(embedder, monkeypatch):
+    from corom_runtime import dynamic_batcher
+
+    real = dynamic_batcher.decide
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("a bug in the batching decision")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dynamic_batcher, "decide", flaky)
+    with DynamicBatcher(embedder) as batcher:
+        assert batcher.encode(["survives"], timeout=10).shape == (1, embedder.dim)
+        assert batcher.encode(["still served"], timeout=10).shape == (1, embedder.dim)
+        assert batcher.healthy and batcher.metrics.value("corom_worker_errors_total") == 1
+
+
+def test_public_api_and_bad_containers(embedder):
+    import corom_runtime
+
+    assert corom_runtime.DynamicBatcher is DynamicBatcher and corom_runtime.BatcherSettings is BatcherSettings
+    for bad, name in (({"a": 1}, "dict"), (None, "NoneType"), ({"x"}, "set"), (3, "int")):
+        with pytest.raises(TypeError, match=f"texts must be a string or a list of strings, got {name}"):
+            embedder.encode(bad)
+    ticket = DynamicBatcher(embedder).submit(["typed ticket"])
+    assert ticket.result(10).shape == (1, embedder.dim) and ticket.token_count > 2 and ticket.timings.inference_s > 0

@@ -266,3 +266,29 @@ def test_cli_info_json_and_help(bundled_artifact, capsys):
         corom(["embed", "--help"])
     assert exc.value.code == 0
     assert "--batch-size" in capsys.readouterr().out
+
+
+OV_VARIANTS = [v for v in CPU_VARIANTS if VARIANTS[v].engine == "openvino"]
+
+
+@pytest.mark.skipif(not OV_VARIANTS, reason="openvino is not installed: no OpenVINO variant to test")
+@pytest.mark.parametrize("variant", OV_VARIANTS)
+def test_bad_input_on_the_openvino_path(bundled_artifact, variant, tmp_path):
+    from corom_runtime.providers import SessionSettings
+
+    emb = Embedder.load(bundled_artifact, variant=variant, device="cpu",
+                        settings=SessionSettings(cache_dir=tmp_path / "cache"))
+    assert emb.info.engine == "openvino" and emb.info.providers[0].startswith("OpenVINO:CPU")
+    assert emb.encode([]).shape == (0, 384)
+    out, report = emb.encode(["", "   ", "x " * 5000, "日本語 😀", "lone \ud800"], return_report=True)
+    assert np.isfinite(out).all() and [r.tokens for r in report][:2] == [2, 2] and report[2].truncated
+    with pytest.raises(TypeError, match=r"texts\[1\] is int"):
+        emb.encode(["ok", 1])
+    # thread-safe: each call takes its own infer request
+    texts = [f"parallel {i} " + "word " * (i % 40) for i in range(48)]
+    with ThreadPoolExecutor(6) as pool:
+        rows = np.stack(list(pool.map(lambda t: emb.encode([t])[0], texts)))
+    alone = np.stack([emb.encode([t])[0] for t in texts])
+    assert cosines(rows, alone).min() > 0.99999
+    # OpenVINO's model cache: the compiled blob is kept, so the next start skips compilation
+    assert any((tmp_path / "cache" / "openvino").iterdir())

@@ -19,7 +19,8 @@ import uvicorn
 from conftest import EXAMPLE_CANDIDATES, EXAMPLE_SOURCE
 from corom_runtime import Embedder
 from corom_runtime.dynamic_batcher import BatcherSettings
-from corom_runtime.server import ServerSettings, create_app
+from corom_runtime.server import ServerSettings, authorized, create_app
+from corom_runtime.uvicorn_server import guarded_protocol
 
 
 def free_port() -> int:
@@ -29,9 +30,13 @@ def free_port() -> int:
 
 
 class Running:
-    def __init__(self, app) -> None:
+    """The app on a real uvicorn in a thread; `head_timeout`/`max_connections` as `corom serve` sets them."""
+
+    def __init__(self, app, head_timeout: float = 10.0, max_connections: int | None = None) -> None:
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    http=guarded_protocol(head_timeout),
+                                                    limit_concurrency=max_connections))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
@@ -110,8 +115,16 @@ def test_embed_and_similarity(server):
     ("/v1/embeddings", json.dumps({"input": ["x"], "dimensions": 3}).encode(), 400, "384 dimensions"),
     ("/v1/embeddings", json.dumps({"input": ["y" * 5000]}).encode(), 413, "4096-byte limit"),
     ("/embed", json.dumps(["no", "dict"]).encode(), 400, "'inputs'"),
-    ("/similarity", json.dumps({"source_sentence": ["a", "b"]}).encode(), 413, "at most 1"),
+    ("/similarity", json.dumps({"source_sentence": ["a", "b"]}).encode(), 400, "exactly one text, got 2"),
     ("/similarity", json.dumps({"sentences_to_compare": ["a"]}).encode(), 400, "source_sentence"),
+    ("/similarity", json.dumps({"source_sentence": ["a"], "sentences_to_compare": False}).encode(), 400, "got boolean"),
+    ("/similarity", json.dumps({"source_sentence": ["a"], "sentences_to_compare": 0}).encode(), 400, "got int"),
+    # hostile JSON: a lone surrogate echoed back, non-UTF-8 bytes (huge numbers and deep nesting: see
+    # test_server_hardening, whose server takes bodies large enough to carry them)
+    ("/v1/embeddings", b'{"input": "x", "model": "\\ud800"}', 400, "'model' is not valid Unicode"),
+    ("/v1/embeddings", b'{"input": "x", "model": 7}', 400, "'model' must be a string"),
+    ("/embed", b'{"inputs": ["\xff\xfe"]}', 400, "malformed JSON"),
+    ("/v1/embeddings", json.dumps({"input": ["x"], "dimensions": True}).encode(), 400, "384 dimensions"),
 ])
 def test_bad_input_gets_4xx_and_server_keeps_serving(server, path, body, status, message):
     r = httpx.post(server.url(path), content=body, headers={"content-type": "application/json"})
@@ -120,12 +133,33 @@ def test_bad_input_gets_4xx_and_server_keeps_serving(server, path, body, status,
     assert httpx.post(server.url("/embed"), json={"inputs": ["still alive"]}).status_code == 200
 
 
+@pytest.mark.parametrize("method,path,headers,content,status,message", [
+    ("GET", "/nope", {}, None, 404, "GET /nope: Not Found"),
+    ("GET", "/embed", {}, None, 405, "Method Not Allowed"),
+    ("POST", "/embed", {"content-type": "text/plain"}, b'{"inputs": ["x"]}', 415, "must be application/json"),
+    ("POST", "/embed", {}, b'{"inputs": ["x"]}', 415, "not absent"),
+    ("POST", "/embed", {"content-type": "application/json", "transfer-encoding": "chunked"},
+     b'{"inputs": ["x"]}', 400, "both Content-Length and Transfer-Encoding"),
+])
+def test_protocol_mistakes_get_the_json_error_shape(server, method, path, headers, content, status, message):
+    if "transfer-encoding" in headers:  # httpx will not send both framings: write the request by hand
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"POST /embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 17\r\nTransfer-Encoding: chunked\r\n\r\n11\r\n" + content + b"\r\n0\r\n\r\n")
+            answer = sock.recv(65536).decode("latin-1")
+        assert answer.startswith("HTTP/1.1 400") or answer.startswith(f"HTTP/1.1 {status}"), answer[:200]
+        return
+    r = httpx.request(method, server.url(path), headers=headers, content=content)
+    assert r.status_code == status and message in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["code"] == status
+
+
 def test_chunked_oversized_body_is_refused(server):
     def chunks():
         for _ in range(10):
             yield b" " * 1000
 
-    r = httpx.post(server.url("/embed"), content=chunks())
+    r = httpx.post(server.url("/embed"), content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413
     assert httpx.get(server.url("/health")).json()["status"] == "ok"
 
@@ -142,12 +176,42 @@ def test_health_and_metrics(server, embedder):
     assert total >= 1
 
 
-def test_api_key(embedder):
-    running = Running(create_app(embedder, ServerSettings(api_key="s3cret")))
+def test_api_key_guards_everything_but_liveness(embedder):
+    running = Running(create_app(embedder, ServerSettings(api_key="s3crét")))
     try:
         assert httpx.post(running.url("/embed"), json={"inputs": ["x"]}).status_code == 401
-        ok = httpx.post(running.url("/embed"), json={"inputs": ["x"]}, headers={"Authorization": "Bearer s3cret"})
-        assert ok.status_code == 200
+        key = "s3crét".encode("utf-8")  # the raw UTF-8 bytes, as a header carries them
+        for scheme in (b"Bearer", b"bearer", b"BEARER"):
+            ok = httpx.post(running.url("/embed"), json={"inputs": ["x"]}, headers={"Authorization": scheme + b" " + key})
+            assert ok.status_code == 200, scheme
+        assert httpx.get(running.url("/health")).json() == {"status": "ok"}  # liveness, no details
+        full = httpx.get(running.url("/health"), headers={"Authorization": b"Bearer " + key}).json()
+        assert full["status"] == "ok" and full["variant"] == embedder.variant
+        assert httpx.get(running.url("/metrics")).status_code == 401
+        assert httpx.get(running.url("/metrics"), headers={"Authorization": b"Bearer " + key}).status_code == 200
+    finally:
+        running.stop()
+
+
+def test_authorized_compares_bytes_and_accepts_any_bearer_case():
+    assert authorized(None, None) and authorized("", None)
+    assert authorized("bEaReR k", "k") and not authorized("Basic k", "k") and not authorized("Bearer x", "k")
+    assert not authorized("Bearer ", "k") and not authorized(None, "k")
+    assert authorized("Bearer " + "é".encode().decode("latin-1"), "é")
+
+
+def test_host_and_origin_are_checked_on_loopback(embedder):
+    settings = ServerSettings(allowed_hosts=("127.0.0.1", "localhost"), allowed_origins=("https://app.example",))
+    running = Running(create_app(embedder, settings))
+    try:
+        url = running.url("/embed")
+        assert httpx.post(url, json={"inputs": ["x"]}).status_code == 200
+        r = httpx.post(url, json={"inputs": ["x"]}, headers={"Host": "attacker.example"})
+        assert r.status_code == 403 and "--allowed-host" in r.json()["error"]["message"]
+        r = httpx.post(url, json={"inputs": ["x"]}, headers={"Origin": "http://attacker.example"})
+        assert r.status_code == 403 and "Origin" in r.json()["error"]["message"]
+        assert httpx.post(url, json={"inputs": ["x"]}, headers={"Origin": "https://app.example"}).status_code == 200
+        assert httpx.post(url, json={"inputs": ["x"]}, headers={"Origin": f"http://localhost:{running.port}"}).status_code == 200
     finally:
         running.stop()
 
@@ -166,9 +230,8 @@ def test_cli_serve_shuts_down_gracefully_on_sigterm(bundled_artifact):
                 time.sleep(0.1)
         assert httpx.post(f"http://127.0.0.1:{port}/embed", json={"inputs": ["hi"]}).status_code == 200
         proc.send_signal(signal.SIGTERM)
-        # uvicorn finishes in-flight requests and the lifespan (the batcher drains), then re-raises
-        # the signal so that the exit status says SIGTERM
-        assert proc.wait(30) in (0, -signal.SIGTERM)
+        # in-flight requests finish, the batcher drains, and a completed drain is a success
+        assert proc.wait(30) == 0
         log = proc.stdout.read()
         assert "Shutting down" in log and "Finished server process" in log, log
     finally:

@@ -242,7 +242,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=4096, help="queued texts before answering 503 overloaded")
     p.add_argument("--max-items", type=int, default=256, help="most texts in one request")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
-    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or COROM_API_KEY)")
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY`; prefer the COROM_API_KEY environment variable, "
+                        "which other users cannot read in `ps`")
+    p.add_argument("--public-health", action="store_true",
+                   help="with a key set, let /health (full) and /metrics answer without it "
+                        "(default: without the key /health says only ok/unavailable and /metrics refuses)")
+    p.add_argument("--allowed-host", action="append", metavar="NAME",
+                   help="a Host header to accept (repeatable); default on a loopback bind: 127.0.0.1, "
+                        "localhost, ::1 (guards against DNS rebinding); default elsewhere: any")
+    p.add_argument("--allowed-origin", action="append", metavar="ORIGIN",
+                   help="a browser Origin allowed to call the server (repeatable), e.g. https://app.example")
+    p.add_argument("--body-timeout", type=float, default=10.0,
+                   help="seconds a client may take to send its body (default 10; 408 after)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection may take to send a request head (default 10; closed after)")
+    p.add_argument("--max-connections", type=int, default=512,
+                   help="open connections and requests at once; beyond it new requests get 503 (default 512)")
+    p.add_argument("--drain-seconds", type=float, default=None,
+                   help="on SIGTERM, how long accepted requests may take before the rest get 503 "
+                        "(default: a full queue at the rate measured at start, 10 s to 10 min)")
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -10,12 +10,14 @@ caller gets exactly its own rows. Cancelled entries are dropped; a full queue re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
-from dataclasses import dataclass
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -26,6 +28,9 @@ from .metrics import SIZE_BUCKETS, Metrics
 from .tokenization import TokenizedText, check_texts
 
 log = logging.getLogger(__name__)
+
+
+MAX_WAIT_MS = 60_000.0
 
 
 @dataclass(frozen=True)
@@ -40,8 +45,15 @@ class BatcherSettings:
     max_queue: int = 4096  # texts waiting, across all entries
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_batch_tokens < 1 or self.max_queue < 1 or self.max_wait_ms < 0:
-            raise ValueError(f"invalid batcher settings: {self}")
+        for name in ("max_batch_size", "max_batch_tokens", "max_queue"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"batcher setting {name} must be a whole number of at least 1, got {value!r}")
+        wait = self.max_wait_ms
+        # inf would make the worker wait forever (and time.sleep(inf) raises); nan never compares true
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not math.isfinite(wait) \
+                or not 0 <= wait <= MAX_WAIT_MS:
+            raise ValueError(f"batcher setting max_wait_ms must be a finite number from 0 to {MAX_WAIT_MS}, got {wait!r}")
 
 
 @dataclass
@@ -55,12 +67,68 @@ class RequestTimings:
 
 
 @dataclass
+class Ticket:
+    """What `submit` hands the caller: the future of its rows, its timings and its token count."""
+
+    future: Future
+    timings: RequestTimings = field(default_factory=RequestTimings)
+    token_count: int = 0
+
+    def result(self, timeout: float | None = None) -> np.ndarray:
+        """float32 `[texts, dim]`, in the order submitted."""
+        return self.future.result(timeout)
+
+    def cancel(self) -> bool:
+        """Drop the request if it is still queued (True); a running batch cannot be recalled (False)."""
+        return self.future.cancel()
+
+    def done(self) -> bool:
+        return self.future.done()
+
+
+@dataclass
 class _Entry:
     items: list[TokenizedText]
-    future: Future
+    ticket: Ticket
     enqueued: float
-    timings: RequestTimings
     longest: int  # tokens of its longest text, computed once: the worker reads it on every decision
+
+    @property
+    def texts(self) -> int:
+        return len(self.items)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The worker's next step: take the first `take` entries now, or (take 0) wait until `wait_until`
+    (None: until something is queued)."""
+
+    take: int
+    wait_until: float | None = None
+
+
+def decide(queue: Sequence[_Entry], settings: BatcherSettings, now: float, closing: bool) -> Decision:
+    """The batching decision, as a pure function of a queue snapshot, the settings and the time.
+
+    A batch closes when the queue holds `max_batch_size` texts, when its padded size would reach
+    `max_batch_tokens`, when the oldest entry has waited `max_wait_ms`, or when the batcher is closing.
+    It then takes entries FIFO up to the size and padded-token limits, at least one (so none starves).
+    """
+    if not queue:
+        return Decision(0, None)
+    queued = sum(e.texts for e in queue)
+    deadline = queue[0].enqueued + settings.max_wait_ms / 1000.0
+    ready = closing or queued >= settings.max_batch_size or now >= deadline \
+        or queued * max(e.longest for e in queue) >= settings.max_batch_tokens
+    if not ready:
+        return Decision(0, deadline)
+    take = texts = longest = 0
+    for entry in queue:
+        new_texts, new_longest = texts + entry.texts, max(longest, entry.longest)
+        if take and (new_texts > settings.max_batch_size or new_texts * new_longest > settings.max_batch_tokens):
+            break
+        take, texts, longest = take + 1, new_texts, new_longest
+    return Decision(take)
 
 
 class DynamicBatcher:
@@ -89,6 +157,7 @@ class DynamicBatcher:
         m.counter("corom_requests_failed_total", "Requests that failed in inference")
         m.counter("corom_texts_total", "Texts embedded")
         m.counter("corom_batches_total", "Inferences run")
+        m.counter("corom_worker_errors_total", "Worker rounds that failed on an internal error")
         m.histogram("corom_queue_seconds", "Time a request waited in the queue")
         m.histogram("corom_tokenize_seconds", "Time to tokenize a request")
         m.histogram("corom_inference_seconds", "Time of one batched inference")
@@ -103,27 +172,30 @@ class DynamicBatcher:
     def queued(self) -> int:
         return self._queued_texts
 
-    def submit(self, texts: Sequence[str]) -> Future:
-        """Queue texts; the future resolves to float32 `[len(texts), dim]`.
+    @property
+    def healthy(self) -> bool:
+        """The worker is alive and taking work (what `/health` reports)."""
+        return self._worker.is_alive() and not self._closing
 
-        The future also carries `.timings` (filled in as the request moves) and `.token_count`.
+    def submit(self, texts: Sequence[str]) -> Ticket:
+        """Queue texts; `ticket.result()` is float32 `[len(texts), dim]`.
+
+        The ticket also carries `.timings` (filled in as the request moves) and `.token_count`.
 
         Raises at once on bad input (`TypeError` naming the index), a full queue (`OverloadedError`)
         or a closed batcher (`BatcherClosedError`).
         """
         checked = check_texts(texts)
-        future: Future = Future()
+        ticket = Ticket(Future())
         if not checked:
-            future.timings, future.token_count = RequestTimings(), 0  # type: ignore[attr-defined]
-            future.set_result(np.empty((0, self.embedder.dim), dtype=np.float32))
-            return future
+            ticket.future.set_result(np.empty((0, self.embedder.dim), dtype=np.float32))
+            return ticket
         start = time.perf_counter()
         items = self.embedder.tokenizer.encode(checked)  # in the caller's thread: tokenizing runs in parallel
-        timings = RequestTimings(tokenize_s=time.perf_counter() - start)
-        future.timings = timings  # type: ignore[attr-defined]
-        future.token_count = sum(item.length for item in items)  # type: ignore[attr-defined]
+        ticket.timings.tokenize_s = time.perf_counter() - start
+        ticket.token_count = sum(item.length for item in items)
         with self._cond:
-            if self._closing:
+            if self._closing or not self._worker.is_alive():
                 raise BatcherClosedError("the batcher is closed and takes no new requests")
             if self._queued_texts + len(items) > self.settings.max_queue:
                 self.metrics.inc("corom_requests_rejected_total")
@@ -132,12 +204,12 @@ class DynamicBatcher:
                     "retry later or raise max_queue"
                 )
             longest = max(item.length for item in items)
-            self._queue.append(_Entry(items, future, time.perf_counter(), timings, longest))
+            self._queue.append(_Entry(items, ticket, time.perf_counter(), longest))
             self._queued_texts += len(items)
             self._cond.notify()
         self.metrics.inc("corom_requests_total")
-        self.metrics.observe("corom_tokenize_seconds", timings.tokenize_s)
-        return future
+        self.metrics.observe("corom_tokenize_seconds", ticket.timings.tokenize_s)
+        return ticket
 
     def encode(self, texts: Sequence[str], timeout: float | None = None) -> np.ndarray:
         """Blocking: submit and wait for the embeddings."""
@@ -145,7 +217,7 @@ class DynamicBatcher:
 
     async def aencode(self, texts: Sequence[str]) -> np.ndarray:
         """Awaitable: cancelling the awaiting task cancels the queued request."""
-        return await asyncio.wrap_future(self.submit(texts))
+        return await asyncio.wrap_future(self.submit(texts).future)
 
     def close(self, timeout: float | None = None) -> None:
         """Stop accepting requests, finish every accepted one, then stop the worker."""
@@ -153,6 +225,20 @@ class DynamicBatcher:
             self._closing = True
             self._cond.notify_all()
         self._worker.join(timeout)
+
+    def abandon_queued(self, reason: str = "the server is shutting down") -> int:
+        """Fail every request still queued with `BatcherClosedError` (the batch running now finishes);
+        return how many. A shutdown past its drain deadline answers the rest this way."""
+        with self._cond:
+            self._closing = True
+            dropped = list(self._queue)
+            self._queue.clear()
+            self._queued_texts = 0
+            self._cond.notify_all()
+        for entry in dropped:
+            if entry.ticket.future.set_running_or_notify_cancel():
+                entry.ticket.future.set_exception(BatcherClosedError(reason))
+        return len(dropped)
 
     def __enter__(self) -> "DynamicBatcher":
         return self
@@ -162,51 +248,38 @@ class DynamicBatcher:
 
     # -- the worker -------------------------------------------------------------------------
 
-    def _ready(self, now: float) -> bool:
-        s = self.settings
-        if self._closing or self._queued_texts >= s.max_batch_size:
-            return True
-        if now - self._queue[0].enqueued >= s.max_wait_ms / 1000.0:
-            return True  # checked before the scan below: with max_wait_ms=0 it decides at once
-        longest = max(e.longest for e in self._queue)
-        return self._queued_texts * longest >= s.max_batch_tokens
-
-    def _take_batch(self) -> list[_Entry]:
-        """FIFO entries up to the size and padded-token limits (at least one, so none starves)."""
-        s = self.settings
-        batch: list[_Entry] = []
-        texts = longest = 0
-        while self._queue:
-            entry = self._queue[0]
-            new_texts, new_longest = texts + len(entry.items), max(longest, entry.longest)
-            if batch and (new_texts > s.max_batch_size or new_texts * new_longest > s.max_batch_tokens):
-                break
-            self._queue.popleft()
-            self._queued_texts -= len(entry.items)
-            batch.append(entry)
-            texts, longest = new_texts, new_longest
-        return batch
-
     def _run(self) -> None:
+        """The worker: supervised, so a bug in one round fails that round's requests, not the server."""
         while True:
-            with self._cond:
-                while not self._queue and not self._closing:
-                    self._cond.wait()
-                if not self._queue and self._closing:
-                    return
-                while not self._ready(time.perf_counter()):
-                    deadline = self._queue[0].enqueued + self.settings.max_wait_ms / 1000.0
-                    self._cond.wait(max(0.0, deadline - time.perf_counter()))
-                batch = self._take_batch()
-            live = []
-            for entry in batch:
-                # claims the future; False means the caller cancelled it while it was queued
-                if entry.future.set_running_or_notify_cancel():
-                    live.append(entry)
-                else:
-                    self.metrics.inc("corom_requests_cancelled_total")
-            if live:
-                self._infer(live)
+            batch: list[_Entry] = []
+            try:
+                with self._cond:
+                    while True:
+                        decision = decide(self._queue, self.settings, time.perf_counter(), self._closing)
+                        if decision.take:
+                            batch = [self._queue.popleft() for _ in range(decision.take)]
+                            self._queued_texts -= sum(e.texts for e in batch)
+                            break
+                        if self._closing and not self._queue:
+                            return
+                        timeout = None if decision.wait_until is None else max(0.0, decision.wait_until - time.perf_counter())
+                        self._cond.wait(timeout)
+                live = []
+                for entry in batch:
+                    # claims the future; False means the caller cancelled it while it was queued
+                    if entry.ticket.future.set_running_or_notify_cancel():
+                        live.append(entry)
+                    else:
+                        self.metrics.inc("corom_requests_cancelled_total")
+                if live:
+                    self._infer(live)
+            except Exception:  # noqa: BLE001 - a worker bug must not silently stall every caller
+                log.exception("the batcher's worker failed a round; its requests failed, the worker goes on")
+                self.metrics.inc("corom_worker_errors_total")
+                for entry in batch:
+                    if not entry.ticket.future.done():
+                        with contextlib.suppress(InvalidStateError):  # the caller cancelled it meanwhile
+                            entry.ticket.future.set_exception(RuntimeError("internal error in the batcher"))
 
     def _infer(self, entries: list[_Entry]) -> None:
         now = time.perf_counter()
@@ -217,7 +290,7 @@ class DynamicBatcher:
             if len(entries) == 1:
                 self.metrics.inc("corom_requests_failed_total")
                 log.exception("inference failed for one request")
-                entries[0].future.set_exception(RuntimeError("inference failed for this request; see the server log"))
+                entries[0].ticket.future.set_exception(RuntimeError("inference failed for this request; see the server log"))
                 return
             for entry in entries:
                 self._infer([entry])
@@ -229,10 +302,10 @@ class DynamicBatcher:
         self.metrics.observe("corom_batch_texts", len(items))
         start = 0
         for entry in entries:
-            n = len(entry.items)
-            entry.timings.queue_s = now - entry.enqueued
-            entry.timings.inference_s = elapsed
-            entry.timings.batch_texts = len(items)
-            self.metrics.observe("corom_queue_seconds", entry.timings.queue_s)
-            entry.future.set_result(rows[start:start + n])
+            n, timings = len(entry.items), entry.ticket.timings
+            timings.queue_s = now - entry.enqueued
+            timings.inference_s = elapsed
+            timings.batch_texts = len(items)
+            self.metrics.observe("corom_queue_seconds", timings.queue_s)
+            entry.ticket.future.set_result(rows[start:start + n])
             start += n

@@ -2,7 +2,9 @@
 
 Endpoints: OpenAI-compatible `POST /v1/embeddings`, `POST /embed` (`{"inputs": [...]}`),
 `POST /similarity` (ModelScope's dict), `GET /health`, Prometheus `GET /metrics`.
-Bad input gets a 4xx with a message; the server keeps serving.
+Whatever a client sends, the answer is a success or a 4xx/503 in one JSON error shape
+(`http_errors`); the request guard (`http_guard`) checks Host/Origin, framing, size and time first;
+uvicorn is run with head timeouts and a drain deadline (`uvicorn_server`).
 """
 
 from __future__ import annotations
@@ -13,20 +15,23 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from .dynamic_batcher import BatcherSettings, DynamicBatcher
 from .embedder import Embedder
-from .errors import BatcherClosedError, OverloadedError
+from .http_errors import HTTPError, error_response, from_exception
+from .http_guard import LOOPBACK_HOSTS, GuardSettings, RequestGuard
 
 log = logging.getLogger(__name__)
 
@@ -36,102 +41,128 @@ class ServerSettings:
     max_items: int = 256
     max_body_bytes: int = 1 << 20
     api_key: str | None = None
-    batcher: BatcherSettings = BatcherSettings()
+    # with a key set, full /health and /metrics need it too; without it /health answers liveness only
+    public_health: bool = False
+    allowed_hosts: tuple[str, ...] | None = None   # see http_guard; `serve` sets loopback names on loopback
+    allowed_origins: tuple[str, ...] = ()
+    body_timeout_s: float = 10.0
+    header_timeout_s: float = 10.0
+    max_connections: int = 512
+    max_header_bytes: int = 16 * 1024
+    drain_s: float | None = None  # None: long enough for a full queue at the rate measured at start
+    batcher: BatcherSettings = field(default_factory=BatcherSettings)
 
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
-
-
-def _error(status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
-    # OpenAI's error shape, which its client turns into a readable exception
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
-
-
-class BodyLimit:
-    """ASGI middleware: refuse a body over `limit` bytes with 413, before reading all of it."""
-
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await _error(413, f"request body of {int(declared)} bytes is over the {self.limit}-byte limit")(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise HTTPError(413, f"request body is over the {self.limit}-byte limit")
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except HTTPError as exc:
-            await _error(exc.status, exc.message)(scope, receive, send)
+    def __post_init__(self) -> None:
+        for name in ("max_items", "max_body_bytes", "max_connections", "max_header_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"server setting {name} must be a whole number of at least 1, got {value!r}")
+        for name in ("body_timeout_s", "header_timeout_s", "drain_s"):
+            value = getattr(self, name)
+            if value is None and name == "drain_s":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not 0 < value <= 3600:
+                raise ValueError(f"server setting {name} must be a number of seconds in (0, 3600], got {value!r}")
 
 
 async def _json(request: Request) -> Any:
     body = await request.body()
     try:
         return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise HTTPError(400, f"malformed JSON body: {exc}") from exc
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, and ints of over 4,300 digits
+        raise HTTPError(400, f"malformed JSON body: {str(exc)[:200]}") from exc
+    except RecursionError as exc:
+        raise HTTPError(400, "malformed JSON body: nested too deeply") from exc
 
 
-def _texts(value: Any, field: str, max_items: int, allow_single: bool = True) -> list[str]:
-    if isinstance(value, str) and allow_single:
+def _texts(value: Any, field_name: str, max_items: int, allow_empty: bool = False) -> list[str]:
+    if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
-        raise HTTPError(400, f"'{field}' must be a string or a list of strings, got {type(value).__name__}")
-    if not value:
-        raise HTTPError(400, f"'{field}' is empty: send at least one text")
+        raise HTTPError(400, f"'{field_name}' must be a string or a list of strings, got {_kind(value)}")
+    if not value and not allow_empty:
+        raise HTTPError(400, f"'{field_name}' is empty: send at least one text")
     if len(value) > max_items:
-        raise HTTPError(413, f"'{field}' has {len(value)} items; at most {max_items} per request")
+        raise HTTPError(413, f"'{field_name}' has {len(value)} items; at most {max_items} per request")
     for i, item in enumerate(value):
         if not isinstance(item, str):
-            raise HTTPError(400, f"'{field}'[{i}] is {type(item).__name__}, not a string "
+            raise HTTPError(400, f"'{field_name}'[{i}] is {_kind(item)}, not a string "
                                  "(token arrays are not accepted: send text)")
     return value
 
 
-def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) -> Starlette:
+def _kind(value: Any) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null",
+            int: "int", float: "float"}.get(type(value), type(value).__name__)
+
+
+def _echo(value: Any, field_name: str) -> str | None:
+    """A client string we echo back: it must be text that UTF-8 can carry (no lone surrogates)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise HTTPError(400, f"'{field_name}' must be a string, got {_kind(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise HTTPError(400, f"'{field_name}' is not valid Unicode text (a lone surrogate?)") from exc
+    return value[:256]
+
+
+def authorized(header: str | None, api_key: str | None) -> bool:
+    """`Authorization: Bearer KEY` (scheme case-insensitive), compared as bytes in constant time."""
+    if api_key is None:
+        return True
+    if not header:
+        return False
+    scheme, _, given = header.partition(" ")
+    # ASGI hands headers over as latin-1 text: back to the raw bytes, against the key's UTF-8 bytes
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("latin-1", "replace"),
+                                                              api_key.encode("utf-8"))
+
+
+def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) -> RequestGuard:
     """The ASGI app. The batcher starts with the app and drains on shutdown (SIGTERM under uvicorn)."""
-    state: dict[str, Any] = {"ready": False, "batcher": None}
+    state: dict[str, Any] = {"ready": False, "batcher": None, "rate": None}
 
     def batcher() -> DynamicBatcher:
         if state["batcher"] is None or not state["ready"]:
-            raise HTTPError(503, "the server is starting or stopping", "server_error")
+            raise HTTPError(503, "the server is starting or stopping")
         return state["batcher"]
 
-    async def embed_texts(texts: list[str]) -> tuple[np.ndarray, int]:
-        """Embeddings through the batcher, and how many tokens the model saw."""
+    async def embed_texts(request: Request, texts: list[str]) -> tuple[np.ndarray, int]:
+        """Embeddings through the batcher, and how many tokens the model saw. A client that goes
+        away while its request is queued has it dropped before inference."""
+        ticket = batcher().submit(texts)
+        result = asyncio.wrap_future(ticket.future)
+        # a forced exit fails it after its handler is gone: retrieve the error so it is not logged as lost
+        result.add_done_callback(lambda f: f.cancelled() or f.exception())
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            future = batcher().submit(texts)
-            return await asyncio.wrap_future(future), future.token_count
-        except OverloadedError as exc:
-            raise HTTPError(503, str(exc), "overloaded") from exc
-        except BatcherClosedError as exc:
-            raise HTTPError(503, str(exc), "server_error") from exc
+            done, _ = await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if result not in done:
+            ticket.cancel()
+            result.cancel()
+            raise ClientDisconnect()
+        return result.result(), ticket.token_count
 
-    def endpoint(handler):
+    def endpoint(handler, protected: bool = True):
         async def wrapped(request: Request) -> Response:
-            if settings.api_key is not None:
-                given = request.headers.get("authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
-                    return _error(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "authentication_error")
+            if protected and not authorized(request.headers.get("authorization"), settings.api_key):
+                return error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'")
             try:
                 return await handler(request)
-            except HTTPError as exc:
-                headers = {"Retry-After": "1"} if exc.status == 503 else None
-                return _error(exc.status, exc.message, exc.kind, headers)
+            except ClientDisconnect:
+                log.info("client %s went away before its answer", request.client)
+                return Response(status_code=499)
+            except Exception as exc:  # noqa: BLE001 - every error leaves as the one JSON shape
+                error = from_exception(exc)
+                if error.status >= 500 and error.status != 503:
+                    log.exception("internal error on %s", request.url.path)
+                return error_response(error.status, error.message, error.kind, error.headers)
         return wrapped
 
     async def openai_embeddings(request: Request) -> Response:
@@ -139,89 +170,154 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
         if not isinstance(body, dict) or "input" not in body:
             raise HTTPError(400, "body must be a JSON object with 'input' (a string or a list of strings)")
         texts = _texts(body["input"], "input", settings.max_items)
+        model = _echo(body.get("model"), "model")
         fmt = body.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
-            raise HTTPError(400, f"encoding_format must be 'float' or 'base64', got {fmt!r}")
+            raise HTTPError(400, f"encoding_format must be 'float' or 'base64', got {str(fmt)[:40]!r}")
         dims = body.get("dimensions")
-        if dims is not None and dims != embedder.dim:
+        if dims is not None and (isinstance(dims, bool) or dims != embedder.dim):
             raise HTTPError(400, f"this model's embeddings have {embedder.dim} dimensions; 'dimensions' cannot change that")
-        emb, tokens = await embed_texts(texts)
+        _echo(body.get("user"), "user")
+        emb, tokens = await embed_texts(request, texts)
         data = []
         for i, row in enumerate(emb):
             value: Any = base64.b64encode(row.astype("<f4").tobytes()).decode() if fmt == "base64" else row.tolist()
             data.append({"object": "embedding", "index": i, "embedding": value})
-        return JSONResponse({"object": "list", "data": data, "model": body.get("model") or embedder.info.model,
+        return JSONResponse({"object": "list", "data": data, "model": model or embedder.info.model,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def embed(request: Request) -> Response:
         body = await _json(request)
         if not isinstance(body, dict) or "inputs" not in body:
             raise HTTPError(400, "body must be a JSON object with 'inputs' (a string or a list of strings)")
-        emb, _ = await embed_texts(_texts(body["inputs"], "inputs", settings.max_items))
+        emb, _ = await embed_texts(request, _texts(body["inputs"], "inputs", settings.max_items))
         return JSONResponse(emb.tolist())
 
     async def similarity(request: Request) -> Response:
         body = await _json(request)
         if not isinstance(body, dict) or "source_sentence" not in body:
             raise HTTPError(400, "body must be ModelScope's {'source_sentence': [text], 'sentences_to_compare': [texts]}")
-        source = _texts(body["source_sentence"], "source_sentence", 1)
-        compare = body.get("sentences_to_compare") or []
-        compare = _texts(compare, "sentences_to_compare", settings.max_items - 1) if compare else []
-        emb, _ = await embed_texts(source + compare)
+        source = _texts(body["source_sentence"], "source_sentence", max(2, settings.max_items))
+        if len(source) != 1:
+            raise HTTPError(400, f"'source_sentence' must hold exactly one text, got {len(source)}")
+        compare = _texts(body.get("sentences_to_compare", []), "sentences_to_compare", settings.max_items - 1,
+                         allow_empty=True)
+        emb, _ = await embed_texts(request, source + compare)
         scores = embedder.similarity(emb[:1], emb[1:])[0].tolist() if compare else []
         return JSONResponse({"text_embedding": emb.tolist(), "scores": scores})
 
     async def health(request: Request) -> Response:
-        if not state["ready"]:
-            return JSONResponse({"status": "starting"}, 503)
-        return JSONResponse({"status": "ok", "model": embedder.info.model, "variant": embedder.variant,
-                             "device": embedder.info.device, "queued": state["batcher"].queued})
+        b = state["batcher"]
+        status = "starting" if b is None else "ok" if state["ready"] and b.healthy else "unavailable"
+        code = 200 if status == "ok" else 503
+        if not (settings.public_health or authorized(request.headers.get("authorization"), settings.api_key)):
+            return JSONResponse({"status": status}, code)  # liveness only: no details without the key
+        return JSONResponse({"status": status, "model": embedder.info.model, "variant": embedder.variant,
+                             "engine": embedder.info.engine, "device": embedder.info.device,
+                             "queued": b.queued if b else 0, "worker_alive": bool(b and b.healthy)}, code)
 
     async def metrics(request: Request) -> Response:
+        if not (settings.public_health or authorized(request.headers.get("authorization"), settings.api_key)):
+            return error_response(401, "missing or wrong API key: /metrics needs 'Authorization: Bearer KEY'")
         text = state["batcher"].metrics.render() if state["batcher"] else ""
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        embedder.encode(["warm up the session before reporting healthy"])
+        state["rate"] = measure_rate(embedder)
         state["batcher"] = DynamicBatcher(embedder, settings.batcher)
         state["ready"] = True
-        log.info("serving %s (%s on %s)", embedder.info.model, embedder.variant, embedder.info.device)
+        log.info("serving %s (%s on %s, %.0f long texts/s)", embedder.info.model, embedder.variant,
+                 embedder.info.device, state["rate"])
         try:
             yield
-        finally:
+        except asyncio.CancelledError:  # a forced exit (second signal): no drain, answer nobody
             state["ready"] = False
-            state["batcher"].close()  # finishes every accepted request
-            log.info("batcher drained; stopped")
+            state["batcher"].abandon_queued("the server was stopped")
+            state["batcher"].close(timeout=5)
+            raise
+        state["ready"] = False
+        state["batcher"].close()  # finishes every accepted request not abandoned at the drain deadline
+        log.info("batcher drained; stopped")
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
 
     routes = [
         Route("/v1/embeddings", endpoint(openai_embeddings), methods=["POST"]),
         Route("/embed", endpoint(embed), methods=["POST"]),
         Route("/similarity", endpoint(similarity), methods=["POST"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
+        Route("/health", endpoint(health, protected=False), methods=["GET"]),
+        Route("/metrics", endpoint(metrics, protected=False), methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.state.corom = state
-    return BodyLimit(app, settings.max_body_bytes)
+    guard = RequestGuard(app, GuardSettings(settings.max_body_bytes, settings.body_timeout_s,
+                                            settings.allowed_hosts, settings.allowed_origins))
+    guard.state = state  # type: ignore[attr-defined]
+    return guard
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone away (after the body, the next message can only be that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def measure_rate(embedder: Embedder, batch: int = 16) -> float:
+    """Texts/s of full-length texts on this machine (warms the session up too): the drain deadline's base."""
+    text = " ".join(["measure"] * (embedder.artifact.max_length * 2))
+    embedder.encode([text] * 2)
+    start = time.perf_counter()
+    embedder.encode([text] * batch, batch_size=batch)
+    return batch / max(time.perf_counter() - start, 1e-6)
+
+
+def drain_seconds(max_queue: int, rate: float) -> float:
+    """Time to finish a full queue of full-length texts at `rate`, with margin (10 s to 10 min)."""
+    return float(min(600.0, max(10.0, 1.5 * max_queue / max(rate, 1e-3) + 5.0)))
 
 
 def serve(args) -> int:
-    """Run the server for the CLI's parsed `args` (see `corom serve --help`)."""
+    """Run the server for the CLI's parsed `args` (see `corom serve --help`). Exit status 0 after a drain."""
     import uvicorn
 
-    embedder = Embedder.load(args.model, variant=args.variant, device=args.device, threads=args.threads,
-                             allow_fallback=args.allow_fallback)
+    from .uvicorn_server import DrainingServer, guarded_protocol
+
+    loopback = args.host in LOOPBACK_HOSTS
+    hosts = tuple(args.allowed_host) if args.allowed_host else (LOOPBACK_HOSTS if loopback else None)
     settings = ServerSettings(
         max_items=args.max_items, max_body_bytes=args.max_body_bytes,
-        api_key=args.api_key or os.environ.get("COROM_API_KEY"),
+        api_key=args.api_key or os.environ.get("COROM_API_KEY") or None, public_health=args.public_health,
+        allowed_hosts=hosts, allowed_origins=tuple(args.allowed_origin or ()),
+        body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
+        max_connections=args.max_connections, drain_s=args.drain_seconds,
         batcher=BatcherSettings(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                                 max_wait_ms=args.max_wait_ms, max_queue=args.max_queue),
     )
-    if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
+    # settings are checked before the model loads: a bad flag fails in milliseconds, not after a load
+    embedder = Embedder.load(args.model, variant=args.variant, device=args.device, threads=args.threads,
+                             allow_fallback=args.allow_fallback)
+    if not loopback and settings.api_key is None:
         log.warning("binding %s without an API key: anyone who can reach it can use it", args.host)
+    app = create_app(embedder, settings)
+    state = app.state  # type: ignore[attr-defined]
+    def drain() -> float:  # decided at the signal: the rate is measured when the app starts
+        return settings.drain_s or drain_seconds(settings.batcher.max_queue, state["rate"] or 1.0)
+
+    def on_deadline() -> int:
+        return state["batcher"].abandon_queued("the server is shutting down: retry elsewhere") if state["batcher"] else 0
+
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="info",
+        http=guarded_protocol(settings.header_timeout_s, settings.max_header_bytes),
+        limit_concurrency=settings.max_connections, h11_max_incomplete_event_size=settings.max_header_bytes,
+        timeout_keep_alive=5,
+    )
+    server = DrainingServer(config, drain, on_deadline)
     started = time.perf_counter()
-    uvicorn.run(create_app(embedder, settings), host=args.host, port=args.port, log_level="info",
-                timeout_graceful_shutdown=30)
+    server.run()
     log.info("server ran %.0fs", time.perf_counter() - started)
-    return 0
+    return 1 if server.forced else 0

@@ -11,7 +11,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from typing import Protocol
 
@@ -51,6 +50,8 @@ class ORTSession:
                  max_length: int) -> None:
         self.device = device
         self.threads = settings.resolved_threads()
+        import onnxruntime as ort  # here, not at import: a process running OpenVINO never needs it
+
         providers = provider_list(device, settings, model_sha256, max_length)
         try:
             self._session = ort.InferenceSession(str(model_path), session_options(settings), providers=providers)

@@ -34,6 +34,9 @@ def check_texts(texts: Sequence[object]) -> list[str]:
     """Return `texts` as a list of str, or raise `TypeError` naming the first non-string item."""
     if isinstance(texts, (str, bytes)):
         raise TypeError("texts must be a list of strings, not a single string: wrap it as [text]")
+    if texts is None or isinstance(texts, (dict, set, frozenset)) or not hasattr(texts, "__iter__"):
+        # a dict would silently embed its keys, a set in no defined order
+        raise TypeError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
     out = list(texts)
     for index, text in enumerate(out):
         if not isinstance(text, str):
