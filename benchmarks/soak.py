@@ -1,0 +1,120 @@
+"""Soak: `corom serve` under steady load for a long time; memory must stay flat, counters exact.
+
+`python -m benchmarks.soak --minutes 30` starts a real server process on 127.0.0.1, runs N client
+threads (each: a request, wait for the answer, the next; a share of bad requests too) for the given
+time, samples the server's RSS every few seconds, and writes `benchmarks/results/soak-*.json` and a
+Markdown summary. Bounded in count and time; loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+
+from corom_export.corpus import build_corpus
+from corom_runtime.presets import build_dir
+
+from .run import RESULTS, ROOT
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def metric(text: str, name: str) -> float:
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def growth(samples: list[tuple[float, float]], from_s: float) -> float | None:
+    """Relative RSS growth from the first sample at or after `from_s` to the last sample."""
+    later = [rss for t, rss in samples if t >= from_s]
+    return (later[-1] - later[0]) / later[0] if len(later) >= 2 else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__.split("\n\n")[0])
+    p.add_argument("--minutes", type=float, default=30.0, help="how long to run (default 30)")
+    p.add_argument("--clients", type=int, default=8, help="concurrent client threads (default 8)")
+    p.add_argument("--artifact", default=str(build_dir("all-minilm-l6-v2")), help="artifact to serve")
+    p.add_argument("--port", type=int, default=18931, help="loopback port (default 18931)")
+    p.add_argument("--out", default=str(RESULTS), help="results folder")
+    args = p.parse_args(argv)
+    texts = build_corpus(n_queries=200, n_passages=2000, seed=11, workload="long")
+    pool = texts.queries + texts.passages
+    proc = subprocess.Popen([sys.executable, "-m", "corom_runtime.cli", "serve", "--model", args.artifact,
+                             "--port", str(args.port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{args.port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    duration = args.minutes * 60
+    start = time.time()
+    counts = {"ok": 0, "client_error": 0, "other": 0}
+    lock = threading.Lock()
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        with httpx.Client(timeout=60) as c:
+            while time.time() - start < duration:
+                bad = rng.random() < 0.05
+                body = {"inputs": 42} if bad else {"inputs": rng.sample(pool, rng.randint(1, 8))}
+                try:
+                    status = c.post(url + "/embed", json=body).status_code
+                except httpx.HTTPError:
+                    status = -1
+                kind = "ok" if status == 200 else "client_error" if 400 <= status < 500 else "other"
+                with lock:
+                    counts[kind] += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+    for t in threads:
+        t.start()
+    samples: list[tuple[float, float]] = []
+    while any(t.is_alive() for t in threads):
+        samples.append((time.time() - start, rss_mb(proc.pid)))
+        print(f"[soak {samples[-1][0]:6.0f}s] RSS {samples[-1][1]:.1f} MB, {counts}", file=sys.stderr, flush=True)
+        time.sleep(10)
+    for t in threads:
+        t.join()
+    text = httpx.get(url + "/metrics").text
+    served = metric(text, "corom_requests_total")
+    proc.send_signal(signal.SIGTERM)
+    exit_code = proc.wait(120)
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "minutes": args.minutes,
+        "clients": args.clients, "counts": counts, "server_requests_total": served,
+        "counters_exact": served == counts["ok"], "rss_samples": samples,
+        "rss_growth_from_minute_5": growth(samples, 300.0), "exit_code": exit_code,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    (out / f"soak-{stamp}.json").write_text(json.dumps(result, indent=2))
+    g = result["rss_growth_from_minute_5"]
+    summary = (f"Soak {args.minutes:g} min, {args.clients} clients: {counts['ok']} answered 200, "
+               f"{counts['client_error']} bad requests answered 4xx, {counts['other']} other; server counted "
+               f"{served:.0f} (exact: {result['counters_exact']}); RSS {samples[0][1]:.0f} -> {samples[-1][1]:.0f} MB, "
+               f"growth from minute 5: {'-' if g is None else f'{g:.2%}'}; exit {exit_code}\n")
+    (out / "latest-soak.md").write_text(summary)
+    print(summary)
+    return 0 if result["counters_exact"] and counts["other"] == 0 and exit_code == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
