@@ -75,9 +75,10 @@ def test_damaged_manifest_names_file_field_and_fix(tmp_path, capsys, case, mutat
         Embedder.load(folder)
     text = str(exc.value)
     assert message in text and str(folder / "manifest.json") in text and "corom export" in text
-    assert corom(["info", "--model", str(folder)]) == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    for command in (["info"], ["serve", "--port", "1"]):  # serve refuses before it binds
+        assert corom([*command, "--model", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
 
 
 def test_non_utf8_and_non_json_manifests(tmp_path):
@@ -92,10 +93,3 @@ def test_non_utf8_and_non_json_manifests(tmp_path):
     (folder / "manifest.json").unlink()
     with pytest.raises(ArtifactError, match=r"manifest.json is missing.*not a corom export"):
         Embedder.load(folder)
-
-
-def test_damaged_manifest_stops_corom_serve_before_it_binds(tmp_path, capsys):
-    folder = write(tmp_path / "a", damage(good(), "variants.int8.file", "../../etc/passwd"))
-    assert corom(["serve", "--model", str(folder), "--port", "1"]) == 2
-    err = capsys.readouterr().err
-    assert "points outside the artifact" in err and "Traceback" not in err
