@@ -109,6 +109,7 @@ def test_openvino_compile_config():
     bf16 = compile_config("cpu", "bf16", settings, ["FP32", "BF16", "INT8"])
     assert bf16["INFERENCE_PRECISION_HINT"] == "bf16" and bf16["INFERENCE_NUM_THREADS"] == 3
     assert bf16["NUM_STREAMS"] == 1 and bf16["CACHE_DIR"] == "/c/openvino"
+    assert 0 < bf16["CPU_RUNTIME_CACHE_CAPACITY"] <= 256  # bounded: the default 5,000 shapes grew RSS by GBs
     # no native bf16 on this CPU: f32, not a slow emulation
     assert compile_config("cpu", "bf16", settings, ["FP32", "INT8"])["INFERENCE_PRECISION_HINT"] == "f32"
     assert compile_config("cpu", "int8", settings, ["FP32", "INT8"])["INFERENCE_PRECISION_HINT"] == "f32"
