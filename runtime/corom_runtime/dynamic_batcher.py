@@ -107,16 +107,18 @@ class Decision:
     wait_until: float | None = None
 
 
-def decide(queue: Sequence[_Entry], settings: BatcherSettings, now: float, closing: bool) -> Decision:
+def decide(queue: Sequence[_Entry], settings: BatcherSettings, now: float, closing: bool,
+           queued_texts: int | None = None) -> Decision:
     """The batching decision, as a pure function of a queue snapshot, the settings and the time.
 
     A batch closes when the queue holds `max_batch_size` texts, when its padded size would reach
     `max_batch_tokens`, when the oldest entry has waited `max_wait_ms`, or when the batcher is closing.
     It then takes entries FIFO up to the size and padded-token limits, at least one (so none starves).
+    `queued_texts`: the texts in `queue`, where the caller keeps the count (saves a scan of a deep queue).
     """
     if not queue:
         return Decision(0, None)
-    queued = sum(e.texts for e in queue)
+    queued = sum(e.texts for e in queue) if queued_texts is None else queued_texts
     deadline = queue[0].enqueued + settings.max_wait_ms / 1000.0
     ready = closing or queued >= settings.max_batch_size or now >= deadline \
         or queued * max(e.longest for e in queue) >= settings.max_batch_tokens
@@ -255,7 +257,8 @@ class DynamicBatcher:
             try:
                 with self._cond:
                     while True:
-                        decision = decide(self._queue, self.settings, time.perf_counter(), self._closing)
+                        decision = decide(self._queue, self.settings, time.perf_counter(), self._closing,
+                                          self._queued_texts)
                         if decision.take:
                             batch = [self._queue.popleft() for _ in range(decision.take)]
                             self._queued_texts -= sum(e.texts for e in batch)

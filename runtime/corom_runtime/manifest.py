@@ -21,12 +21,11 @@ from typing import Any
 
 from .engines import ENGINES, VARIANTS
 from .errors import ArtifactError
+from .presets import POOLINGS, SCORES  # one list of poolings and score functions, for presets and artifacts
 
 MANIFEST = "manifest.json"
 # 2: variants name their engine, devices and recipe, and may carry weights (OpenVINO IR) and speed.
 FORMAT_VERSION = 2
-POOLINGS = ("cls", "mean")
-SCORES = ("dot", "cosine")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
