@@ -49,13 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=30.0, help="how long to run (default 30)")
     p.add_argument("--clients", type=int, default=8, help="concurrent client threads (default 8)")
     p.add_argument("--artifact", default=str(build_dir("all-minilm-l6-v2")), help="artifact to serve")
+    p.add_argument("--variant", default="auto", help="variant to serve (default auto)")
     p.add_argument("--port", type=int, default=18931, help="loopback port (default 18931)")
     p.add_argument("--out", default=str(RESULTS), help="results folder")
     args = p.parse_args(argv)
     texts = build_corpus(n_queries=200, n_passages=2000, seed=11, workload="long")
     pool = texts.queries + texts.passages
     proc = subprocess.Popen([sys.executable, "-m", "corom_runtime.cli", "serve", "--model", args.artifact,
-                             "--port", str(args.port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--variant", args.variant, "--port", str(args.port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{args.port}"
     for _ in range(600):
         try:
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_code = proc.wait(120)
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "minutes": args.minutes,
-        "clients": args.clients, "counts": counts, "server_requests_total": served,
+        "clients": args.clients, "variant": args.variant, "counts": counts, "server_requests_total": served,
         "counters_exact": served == counts["ok"], "rss_samples": samples,
         "rss_growth_from_minute_5": growth(samples, 300.0), "exit_code": exit_code,
     }

@@ -20,7 +20,14 @@ EXAMPLE_CANDIDATES = [
 
 @pytest.fixture(scope="session")
 def bundled_artifact(tmp_path_factory) -> Path:
-    """The bundled all-MiniLM-L6-v2 exported to every variant and verified (2,000 passages)."""
+    """The bundled all-MiniLM-L6-v2 exported to every variant and verified (2,000 passages).
+
+    COROM_TEST_ARTIFACT=models/build/all-minilm-l6-v2 reuses an artifact `make demo` built (a faster
+    edit-test loop); CI always exports afresh."""
+    import os
+
+    if os.environ.get("COROM_TEST_ARTIFACT"):
+        return Path(os.environ["COROM_TEST_ARTIFACT"]).resolve()
     from corom_export.build import ExportOptions, export_artifact
     from corom_export.verify import verify_artifact
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from collections import deque
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
-
-import numpy as np
+from typing import Iterator, Sequence
 
 from .engines import DEVICES, VARIANTS, device_names, variant_names
 from .errors import CoromError
+from .corpus_io import INPUT_FORMATS, OUTPUT_FORMATS
 from .presets import build_dir
 
 DEFAULT_MODEL = "all-minilm-l6-v2"
@@ -39,40 +39,83 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="run on the CPU (with a warning) when the asked-for GPU provider is absent")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, variant: str | None = None):
     from .embedder import Embedder
 
-    return Embedder.load(args.model, variant=args.variant, device=args.device, threads=args.threads,
+    return Embedder.load(args.model, variant=variant or args.variant, device=args.device, threads=args.threads,
                          allow_fallback=args.allow_fallback)
 
 
-def _read_texts(args: argparse.Namespace) -> list[str]:
-    texts = list(args.texts)
-    if args.file:
-        handle = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
-        with handle:
-            texts.extend(line.rstrip("\n") for line in handle)
-    elif not texts and not sys.stdin.isatty():
-        texts.extend(line.rstrip("\n") for line in sys.stdin)
-    return texts
+def _read_texts(args: argparse.Namespace) -> Iterator[str]:
+    """Positional texts, else lines of --file / stdin, lazily (a large file is never read whole)."""
+    if args.texts:
+        yield from args.texts
+    elif args.file == "-" or (not args.file and not sys.stdin.isatty()):
+        yield from (line.rstrip("\n") for line in sys.stdin)
+    elif args.file:
+        with open(args.file, encoding="utf-8") as handle:
+            yield from (line.rstrip("\n") for line in handle)
+
+
+def _corpus_job(args: argparse.Namespace) -> bool:
+    """A sharded, resumable corpus job (vs. JSON lines streamed out): --output is a folder or .npy."""
+    return bool(args.output) and not args.output.endswith(".jsonl") and args.output != "-"
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    if _corpus_job(args):
+        return _embed_corpus(args)
     embedder = _load(args)
-    texts = _read_texts(args)
-    emb, report = embedder.encode(texts, batch_size=args.batch_size, return_report=True,
-                                  show_progress_bar=args.progress)
-    if args.output and args.output.endswith(".npy"):
-        np.save(args.output, emb)
-        print(json.dumps({"output": args.output, "shape": list(emb.shape), "variant": embedder.variant}))
-        return 0
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     with out if args.output else contextlib.nullcontext(out):
-        for text, row, item in zip(texts, emb, report):
-            record = {"text": text, "embedding": [round(float(x), 7) for x in row]}
-            if args.report:
-                record.update(tokens=item.tokens, truncated=item.truncated)
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        pending: deque[str] = deque()  # the texts of the window being embedded, to echo beside their vectors
+        for window in embedder.encode_iter(_tee(_read_texts(args), pending), batch_size=args.batch_size):
+            for row, tokens, cut in zip(window.vectors, window.tokens.tolist(), window.truncated.tolist()):
+                record = {"text": pending.popleft(), "embedding": [round(float(x), 7) for x in row]}
+                if args.report:
+                    record.update(tokens=tokens, truncated=cut)
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return 0
+
+
+def _tee(texts: Iterator[str], kept: deque[str]) -> Iterator[str]:
+    for text in texts:
+        kept.append(text)
+        yield text
+
+
+def _embed_corpus(args: argparse.Namespace) -> int:
+    from .bulk import BulkOptions, embed_corpus
+    if args.texts or not args.file or args.file == "-":
+        raise CoromError("a corpus job reads a file: give --file PATH (text, JSONL or Parquet); "
+                         "texts on the command line or stdin go to JSON lines (no --output, or NAME.jsonl)")
+    single_npy = args.output.endswith(".npy")
+    output = Path(args.output + ".parts") if single_npy else Path(args.output)
+    options = BulkOptions(input=Path(args.file), output=output, input_format=args.input_format,
+                          output_format="npy" if single_npy else args.format, text_field=args.text_field,
+                          id_field=args.id_field, shard_size=args.shard_size, batch_size=args.batch_size,
+                          skip_bad=args.skip_bad, resume=args.resume, force=args.force)
+    progress = False if args.quiet else (True if args.progress else None)
+    if args.engine == "ray":
+        if single_npy:
+            raise CoromError("--engine ray writes Parquet shards: give --output FOLDER")
+        from .ray_bulk import RayOptions, run_ray
+
+        summary = run_ray(options, RayOptions(address=args.address, actors=args.actors,
+                                              threads_per_actor=args.threads_per_actor),
+                          artifact=args.model, variant=args.variant, progress=progress)
+    else:
+        summary = embed_corpus(options, lambda recorded: _load(args, recorded), progress=progress)
+    if single_npy:
+        from .bulk import assemble_npy
+
+        assemble_npy(output, Path(args.output))
+    if args.json:
+        print(json.dumps(summary.to_dict()))
+    elif not args.quiet:
+        print(f"embedded {summary.rows} rows ({summary.reused} kept from before, {summary.skipped_bad} bad skipped, "
+              f"{summary.truncated} truncated) in {summary.seconds:.1f} s, {summary.texts_per_s:.0f} texts/s "
+              f"-> {args.output}", file=sys.stderr)
     return 0
 
 
@@ -205,14 +248,45 @@ def build_parser() -> argparse.ArgumentParser:
     _verify_args(p)
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("embed", help="embed texts; JSON lines to stdout, or .npy/.jsonl with --output")
+    p = sub.add_parser("embed", help="embed texts or a whole corpus: JSON lines to stdout, or resumable "
+                                     "Parquet/.npy shards with --output (one machine, or Ray with --engine ray)")
     _model_args(p)
     p.add_argument("texts", nargs="*", help="texts to embed (else --file, else stdin lines)")
-    p.add_argument("--file", "-f", help="read one text per line from this file ('-' for stdin)")
-    p.add_argument("--output", "-o", help="write here: NAME.npy (float32 array) or NAME.jsonl")
+    p.add_argument("--file", "-f", help="the input: text (one per line), JSONL or Parquet ('-': stdin lines)")
+    p.add_argument("--output", "-o",
+                   help="FOLDER: a corpus job writing shards part-NNNNN.parquet (or .npy with --format npy) as it "
+                        "goes, resumable; NAME.npy: one float32 array (+ NAME.npy.jsonl with id/tokens/truncated "
+                        "per row); NAME.jsonl or none: JSON lines (text, embedding)")
+    p.add_argument("--input-format", choices=sorted(set(INPUT_FORMATS.values())),
+                   help="the --file format (default: from its suffix: .txt, .jsonl, .parquet)")
+    p.add_argument("--text-field", default="text", help="JSONL key / Parquet column holding the text (default text)")
+    p.add_argument("--id-field", default=None,
+                   help="JSONL key / Parquet column holding a unique id (default: the row's 0-based position)")
+    p.add_argument("--format", default="parquet", choices=list(OUTPUT_FORMATS),
+                   help="shard format of a corpus job: parquet (id, embedding float32[dim], tokens, truncated) "
+                        "or npy (vectors, with a .jsonl of id/tokens/truncated beside each)")
+    p.add_argument("--shard-size", type=int, default=50_000,
+                   help="rows per shard (default 50,000: ~75 MB of 384-d vectors); memory is bounded by one shard")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a job in --output: finished shards are kept, the rest embedded (same input and settings)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --output folder")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out rows with missing/empty/non-string text (counted); default: list them and stop "
+                        "before writing anything")
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: this process; ray: a Ray Data job (pip install 'corom-onnx[ray]')")
+    p.add_argument("--address", default=None,
+                   help="with --engine ray: a cluster to join (auto, or ray://HOST:10001); default: start Ray "
+                        "inside this process")
+    p.add_argument("--actors", type=int, default=2, help="with --engine ray: model replicas (default 2)")
+    p.add_argument("--threads-per-actor", type=int, default=1,
+                   help="with --engine ray: CPUs (and intra-op threads) per replica (default 1)")
     p.add_argument("--batch-size", type=int, default=32, help="texts per inference batch (default 32)")
-    p.add_argument("--report", action="store_true", help="add token count and truncation to each JSON line")
-    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    p.add_argument("--report", action="store_true", help="JSON lines: add token count and truncation")
+    p.add_argument("--progress", action="store_true",
+                   help="show a progress bar (texts/s, ETA); default: only when stderr is a terminal")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no closing line")
+    p.add_argument("--json", action="store_true", help="print the corpus job's summary as one JSON object")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("score", help="ModelScope-style scores of a source sentence against candidates")

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+import itertools
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from .artifact import Artifact, load_artifact
 from .batching import pad_batch, plan_batches
-from .engines import ENGINES, VARIANTS, engine_installed
+from .engines import ENGINES, engine_installed
 from .errors import ArtifactError
 from .providers import SessionSettings, ort_devices
 from .selection import Machine, choose_device, choose_variant, cpu_model
@@ -55,6 +56,29 @@ class ItemReport:
 
     tokens: int
     truncated: bool
+
+
+@dataclass(frozen=True)
+class EncodedWindow:
+    """One window of `Embedder.encode_iter`: rows `start .. start + len - 1` of the input."""
+
+    start: int
+    vectors: np.ndarray     # float32 [n, dim], in input order
+    tokens: np.ndarray      # int32 [n]: tokens the model saw
+    truncated: np.ndarray   # bool [n]: the text was cut to fit max_length
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    @property
+    def indices(self) -> np.ndarray:
+        return np.arange(self.start, self.start + len(self), dtype=np.int64)
+
+    def __iter__(self):  # `for indices, vectors in embedder.encode_iter(...)`
+        return iter((self.indices, self.vectors))
+
+    def reports(self) -> list[ItemReport]:
+        return [ItemReport(tokens=int(t), truncated=bool(c)) for t, c in zip(self.tokens, self.truncated)]
 
 
 def present_devices(engines: frozenset[str], want_openvino_devices: bool) -> tuple[str, ...]:
@@ -182,25 +206,68 @@ class Embedder:
 
         Close to sentence-transformers' `encode`. `normalize_embeddings=None` keeps the model's own
         convention (the artifact says whether normalisation is in the graph); True L2-normalises.
-        With `return_report=True` returns `(embeddings, [ItemReport, ...])`.
+        With `return_report=True` returns `(embeddings, [ItemReport, ...])`. For inputs that do not
+        fit in memory use `encode_iter`.
         """
         single = isinstance(texts, str)
         checked = check_texts([texts] if single else texts)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         out = np.empty((len(checked), self.dim), dtype=np.float32)
         reports: list[ItemReport] = []
         progress = _progress(len(checked), show_progress_bar)
-        for start in range(0, len(checked), WINDOW):
-            items = self.tokenizer.encode(checked[start:start + WINDOW])
-            out[start:start + len(items)] = self.embed_tokenized(items, batch_size, max_batch_tokens)
+        for window in self.encode_iter(checked, batch_size=batch_size, normalize_embeddings=normalize_embeddings,
+                                       max_batch_tokens=max_batch_tokens):
+            out[window.start:window.start + len(window)] = window.vectors
             if return_report:
-                reports.extend(ItemReport(tokens=i.length, truncated=i.truncated) for i in items)
-            progress(len(items))
-        if normalize_embeddings:
-            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+                reports.extend(window.reports())
+            progress(len(window))
         result = out[0] if single else out
         return (result, reports) if return_report else result
+
+    def encode_iter(
+        self,
+        texts: Iterable[str],
+        batch_size: int = 32,
+        window: int = WINDOW,
+        normalize_embeddings: bool | None = None,
+        max_batch_tokens: int | None = None,
+    ) -> Iterator["EncodedWindow"]:
+        """Embed any iterable of texts window by window, in memory that does not grow with its length.
+
+        Reads `window` texts, tokenizes them, embeds them in length-sorted batches and yields one
+        `EncodedWindow` (its `indices` into the input, `vectors` float32 `[n, dim]`, and `tokens` /
+        `truncated` per text) before reading on. Unpacks as `(indices, vectors)`.
+
+        >>> for indices, vectors in emb.encode_iter(open("corpus.txt")):   # doctest: +SKIP
+        ...     index.add_with_ids(vectors, indices)
+        """
+        if isinstance(texts, (str, bytes)):
+            raise TypeError("texts must be an iterable of strings, not a single string: wrap it as [text]")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a whole number of at least 1, got {window!r}")
+        # checked above, before the first next(): a bad argument fails at the call, not later
+        return self._windows(iter(texts), batch_size, window, normalize_embeddings, max_batch_tokens)
+
+    def _windows(self, iterator: Iterator[str], batch_size: int, window: int, normalize_embeddings: bool | None,
+                 max_batch_tokens: int | None) -> Iterator[EncodedWindow]:
+        start = 0
+        while True:
+            chunk = list(itertools.islice(iterator, window))
+            if not chunk:
+                return
+            for offset, text in enumerate(chunk):
+                if not isinstance(text, str):
+                    raise TypeError(f"texts[{start + offset}] is {type(text).__name__}, not str: "
+                                    "every item must be a string")
+            items = self.tokenizer.encode(chunk)
+            vectors = self.embed_tokenized(items, batch_size, max_batch_tokens)
+            if normalize_embeddings:
+                vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+            yield EncodedWindow(start=start, vectors=vectors,
+                                tokens=np.fromiter((i.length for i in items), dtype=np.int32, count=len(items)),
+                                truncated=np.fromiter((i.truncated for i in items), dtype=bool, count=len(items)))
+            start += len(chunk)
 
     # -- scoring ----------------------------------------------------------------------------
 

@@ -1,0 +1,240 @@
+"""Corpora in and embeddings out: rows from text/JSONL/Parquet files, shards written atomically.
+
+Reading is lazy (one row at a time, Parquet in record batches), so a corpus never has to fit in
+memory. A shard appears under its final name only once it is complete (written to a temporary name,
+flushed to disk, then renamed), so a job killed at any moment leaves whole shards or none.
+Parquet needs `pyarrow` (the `[bulk]` extra); text, JSONL and `.npy` need nothing beyond numpy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import CoromError
+
+INPUT_FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+OUTPUT_FORMATS = ("parquet", "npy")
+PYARROW_HINT = "Parquet needs pyarrow: pip install 'corom-onnx[bulk]'"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One input row. `line` is the 1-based line (text, JSONL) or row number (Parquet) for messages;
+    `problem` is set when the row cannot even be read (invalid JSON, no id)."""
+
+    id: Any
+    text: Any
+    line: int
+    problem: str | None = None
+
+
+def text_problem(text: Any) -> str | None:
+    """Why `text` cannot be embedded, or None. Pure: the same rule on every engine."""
+    if text is None:
+        return "text is missing"
+    if not isinstance(text, str):
+        return f"text is {type(text).__name__}, not a string"
+    if not text.strip():
+        return "text is empty"
+    return None
+
+
+def row_problem(row: Row) -> str | None:
+    return row.problem or text_problem(row.text)
+
+
+def describe(row: Row, problem: str) -> str:
+    return f"line {row.line} (id {row.id!r}): {problem}"
+
+
+def input_format(path: Path, given: str | None = None) -> str:
+    """The input's format: `given`, else read from the file suffix (.txt, .jsonl, .parquet)."""
+    if given:
+        return given
+    fmt = INPUT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise CoromError(f"{path}: cannot tell the format from the suffix {path.suffix!r}; "
+                         f"give --input-format {'|'.join(sorted(set(INPUT_FORMATS.values())))}")
+    return fmt
+
+
+def import_pyarrow():
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401
+    except ImportError as exc:
+        raise CoromError(f"{PYARROW_HINT} ({exc})") from exc
+    return pyarrow
+
+
+def read_rows(path: Path, fmt: str, text_field: str = "text", id_field: str | None = None) -> Iterator[Row]:
+    """Every row of the file, in order, bad ones included (see `row_problem`).
+
+    Ids: the `id_field` value, else the row's 0-based position in the file.
+    """
+    if fmt == "text":
+        with open(path, encoding="utf-8", errors="replace", newline="") as handle:
+            for index, line in enumerate(handle):
+                yield Row(id=index, text=line.rstrip("\r\n"), line=index + 1)
+    elif fmt == "jsonl":
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for index, line in enumerate(handle):
+                yield _json_row(line, index, text_field, id_field)
+    elif fmt == "parquet":
+        pq = import_pyarrow().parquet
+        source = pq.ParquetFile(path)
+        names = source.schema_arrow.names
+        for field in (text_field, id_field):
+            if field is not None and field not in names:
+                raise CoromError(f"{path}: no column {field!r} (columns: {', '.join(names)}); "
+                                 "give --text-field / --id-field")
+        columns = [text_field] + ([id_field] if id_field else [])
+        index = 0
+        for batch in source.iter_batches(columns=columns, batch_size=8192):
+            texts = batch.column(0).to_pylist()
+            ids = batch.column(1).to_pylist() if id_field else range(index, index + len(texts))
+            for offset, (text, row_id) in enumerate(zip(texts, ids)):
+                problem = "id is missing" if row_id is None else None
+                yield Row(id=row_id, text=text, line=index + offset + 1, problem=problem)
+            index += len(texts)
+    else:
+        raise CoromError(f"unknown input format {fmt!r}: one of text, jsonl, parquet")
+
+
+def _json_row(line: str, index: int, text_field: str, id_field: str | None) -> Row:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return Row(id=index, text=None, line=index + 1, problem=f"not valid JSON ({exc.msg})")
+    if not isinstance(record, dict):
+        return Row(id=index, text=None, line=index + 1, problem=f"not a JSON object but {type(record).__name__}")
+    if id_field is None:
+        return Row(id=index, text=record.get(text_field), line=index + 1)
+    row_id = record.get(id_field)
+    if row_id is None or isinstance(row_id, (bool, float, list, dict)):
+        problem = f"id field {id_field!r} is missing" if row_id is None else \
+            f"id field {id_field!r} is {type(row_id).__name__}: ids must be strings or integers"
+        return Row(id=None if row_id is None else repr(row_id), text=None, line=index + 1, problem=problem)
+    return Row(id=row_id, text=record.get(text_field), line=index + 1)
+
+
+def file_fingerprint(path: Path) -> str:
+    """blake2b of the file's bytes: `--resume` refuses an input that changed since the job began."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def id_hash(row_id: Any) -> int:
+    """64-bit hash of an id (typed: 7 and "7" differ), so duplicates are found in 8 bytes per row."""
+    raw = f"{type(row_id).__name__}:{row_id}".encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
+
+
+# -- output shards ---------------------------------------------------------------------------
+
+@dataclass
+class ShardData:
+    """One shard's rows, in input order."""
+
+    ids: list
+    vectors: np.ndarray     # float32 [n, dim]
+    tokens: np.ndarray      # int32 [n]
+    truncated: np.ndarray   # bool [n]
+
+
+def shard_path(folder: Path, index: int, fmt: str) -> Path:
+    return folder / f"part-{index:05d}.{fmt}"
+
+
+def arrow_table(data: ShardData, id_type: str):
+    """The output schema shared by every engine: id, embedding (fixed-size list of float32), tokens,
+    truncated."""
+    pa = import_pyarrow()
+    ids = pa.array(data.ids, type=pa.int64() if id_type == "int" else pa.string())
+    flat = pa.array(np.ascontiguousarray(data.vectors, dtype=np.float32).reshape(-1), type=pa.float32())
+    embedding = pa.FixedSizeListArray.from_arrays(flat, data.vectors.shape[1])
+    return pa.table({"id": ids, "embedding": embedding, "tokens": pa.array(data.tokens, type=pa.int32()),
+                     "truncated": pa.array(data.truncated, type=pa.bool_())})
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_shard(folder: Path, index: int, fmt: str, data: ShardData, id_type: str) -> Path:
+    """Write one shard under its final name only once complete. Parquet: one file; npy: the vectors
+    plus `part-N.jsonl` (id, tokens, truncated per row), the .npy written last so it marks completion."""
+    path = shard_path(folder, index, fmt)
+    if fmt == "parquet":
+        pq = import_pyarrow().parquet
+        _atomic_write(path, lambda tmp: pq.write_table(arrow_table(data, id_type), tmp))
+    elif fmt == "npy":
+        def write_meta(tmp: Path) -> None:
+            with open(tmp, "w", encoding="utf-8") as handle:
+                for row_id, tokens, cut in zip(data.ids, data.tokens.tolist(), data.truncated.tolist()):
+                    handle.write(json.dumps({"id": row_id, "tokens": tokens, "truncated": cut}, ensure_ascii=False) + "\n")
+
+        def write_vectors(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                np.save(handle, np.ascontiguousarray(data.vectors, dtype=np.float32))
+
+        _atomic_write(path.with_suffix(".jsonl"), write_meta)
+        _atomic_write(path, write_vectors)
+    else:
+        raise CoromError(f"unknown output format {fmt!r}: one of {', '.join(OUTPUT_FORMATS)}")
+    return path
+
+
+def shard_rows(folder: Path, index: int, fmt: str) -> int | None:
+    """Rows of a finished shard, or None when it is absent or unreadable (then it is recomputed)."""
+    path = shard_path(folder, index, fmt)
+    if not path.exists():
+        return None
+    try:
+        if fmt == "parquet":
+            return import_pyarrow().parquet.ParquetFile(path).metadata.num_rows
+        return int(np.load(path, mmap_mode="r").shape[0])
+    except (OSError, ValueError):
+        return None
+
+
+def read_output(folder: Path) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
+    """Every row of a finished output folder (either format): ids, vectors, tokens, truncated, in shard order."""
+    ids: list = []
+    vectors, tokens, truncated = [], [], []
+    parquet = sorted(folder.glob("*.parquet"))
+    if parquet:
+        pq = import_pyarrow().parquet
+        for path in parquet:
+            table = pq.read_table(path)
+            ids.extend(table.column("id").to_pylist())
+            dim = table.schema.field("embedding").type.list_size
+            flat = table.column("embedding").combine_chunks().flatten().to_numpy()
+            vectors.append(flat.reshape(-1, dim))
+            tokens.append(table.column("tokens").to_numpy())
+            truncated.append(table.column("truncated").to_numpy(zero_copy_only=False))
+    else:
+        for path in sorted(folder.glob("part-*.npy")):
+            vectors.append(np.load(path))
+            for line in path.with_suffix(".jsonl").read_text(encoding="utf-8").splitlines():
+                meta = json.loads(line)
+                ids.append(meta["id"])
+                tokens.append(np.array([meta["tokens"]], dtype=np.int32))
+                truncated.append(np.array([meta["truncated"]]))
+    if not vectors:
+        return [], np.zeros((0, 0), np.float32), np.zeros(0, np.int32), np.zeros(0, bool)
+    return ids, np.concatenate(vectors), np.concatenate(tokens), np.concatenate(truncated)
