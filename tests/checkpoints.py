@@ -40,3 +40,66 @@ def write_modelscope_checkpoint(folder: Path, seed: int = 0, **overrides) -> Pat
     }))
     shutil.copy(bundled_folder() / "vocab.txt", folder / "vocab.txt")
     return folder
+
+
+def unigram_tokenizer(max_length: int = 128):
+    """An XLM-R-style SentencePiece (Unigram) tokenizer trained here: <s>=0, <pad>=1, </s>=2, <unk>=3."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from corom_export.corpus import build_corpus
+
+    corpus = build_corpus(n_queries=0, n_passages=400, seed=99, split="calibration")
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=800, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>")
+    tokenizer.train_from_iterator(corpus.passages, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    return tokenizer
+
+
+def write_xlmr_checkpoint(folder: Path, seed: int = 0) -> Path:
+    """A small randomly initialised XLM-RoBERTa in the Hugging Face layout, with a Unigram tokenizer.json:
+    pad id 1, position ids counted from it, one token type."""
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = unigram_tokenizer()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    torch.manual_seed(seed)
+    config = XLMRobertaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, intermediate_size=128, max_position_embeddings=130,
+                              type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    XLMRobertaModel(config, add_pooling_layer=False).eval().save_pretrained(folder)
+    return folder
+
+
+
+def write_roberta_checkpoint(folder: Path, seed: int = 0) -> Path:
+    """A small randomly initialised RoBERTa (Hugging Face layout, `roberta.`-prefixed weights as a
+    RobertaForMaskedLM checkpoint saves them) with a byte-level BPE tokenizer.json: pad id 1."""
+    from tokenizers import ByteLevelBPETokenizer, processors
+    from transformers import RobertaConfig, RobertaModel
+    from safetensors.torch import save_file
+
+    from corom_export.corpus import build_corpus
+
+    folder.mkdir(parents=True, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(build_corpus(n_queries=0, n_passages=400, seed=98, split="calibration").passages,
+                            vocab_size=800, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tokenizer = bpe._tokenizer
+    tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    tokenizer.save(str(folder / "tokenizer.json"))
+    torch.manual_seed(seed)
+    config = RobertaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=128, max_position_embeddings=130,
+                           type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    model = RobertaModel(config, add_pooling_layer=False).eval()
+    save_file({f"roberta.{k}": v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    cfg = config.to_dict()
+    cfg["architectures"] = ["RobertaForMaskedLM"]
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return folder

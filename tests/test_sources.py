@@ -12,7 +12,7 @@ import torch
 from transformers import BertModel
 
 from checkpoints import bundled_folder, write_modelscope_checkpoint
-from corom_export.reference import build_reference, load_bert
+from corom_export.reference import build_reference, load_encoder
 from corom_export.sources import SourceError, inspect_folder, resolve
 from corom_export.tokenizer import build_tokenizer
 from corom_runtime.errors import PresetError
@@ -100,7 +100,7 @@ def test_non_bert_config_is_refused(tmp_path, corom_checkpoint):
     cfg = json.loads((folder / "config.json").read_text())
     cfg["model_type"] = "gpt2"
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(SourceError, match="'gpt2' model.*BERT"):
+    with pytest.raises(SourceError, match="'gpt2' model.*supported families: bert .*xlm-roberta"):
         inspect_folder(folder)
 
 
@@ -123,7 +123,7 @@ def test_bin_with_arbitrary_objects_is_not_unpickled(tmp_path, corom_checkpoint)
     with open(folder / "pytorch_model.bin", "wb") as handle:
         pickle.dump({"bert.x": Payload()}, handle)
     with pytest.raises(SourceError, match="weights_only"):
-        load_bert(inspect_folder(folder))
+        load_encoder(inspect_folder(folder))
 
 
 def test_weights_that_do_not_match_config_are_refused(tmp_path):
@@ -132,8 +132,12 @@ def test_weights_that_do_not_match_config_are_refused(tmp_path):
     cfg = json.loads((folder / "config.json").read_text())
     cfg["num_hidden_layers"] = 2
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(SourceError, match="lacks .* BERT weights"):
-        load_bert(inspect_folder(folder))
+    with pytest.raises(SourceError, match="lacks .* bert weights .*encoder.layer.1"):
+        load_encoder(inspect_folder(folder))
+    cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"] = 1, 128, 256
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SourceError, match="tensor 'embeddings.word_embeddings.weight' has shape .*64.* implies .*128"):
+        load_encoder(inspect_folder(folder))
 
 
 def test_modelscope_download_fails_clearly_offline():

@@ -15,12 +15,12 @@ from onnxruntime.transformers.onnx_model import OnnxModel
 from corom_runtime.artifact import sha256_file
 from corom_runtime.engines import VARIANTS
 from corom_runtime.errors import CoromError, PresetError
-from corom_runtime.presets import Preset, list_presets, load_preset
+from corom_runtime.presets import Preset, find_preset, list_presets, load_preset
 
 from . import graph, int8, optimize
 from .manifest import add_variant, new_manifest
 from .reference import build_reference
-from .sources import Checkpoint, resolve
+from .sources import SOURCE_PREFIXES, Checkpoint, resolve
 from .tokenizer import build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -38,19 +38,26 @@ class ExportOptions:
     int8_static: bool = False
     openvino: bool = True  # the OpenVINO variants, when openvino and nncf are installed
     force: bool = False
+    preset: str | None = None  # a checkpoint folder exported with this preset's settings (and prompts)
 
 
 def settings_for(model: str, options: ExportOptions) -> tuple[Preset, str | None, Checkpoint]:
-    """Preset (with the options applied), preset name (None for a folder) and checkpoint of `model`."""
-    if model in list_presets():
-        preset, name = load_preset(model), model
+    """Preset (with the options applied), preset name (None for a folder without --preset) and checkpoint."""
+    known = find_preset(model)
+    if known:
+        preset, name = load_preset(known), known
         checkpoint = resolve(preset.source)
-    elif Path(model).exists() or "/" in model or model.startswith(("bundled:", "modelscope:")):
-        checkpoint, name = resolve(model), None
-        pooling, normalize = checkpoint.pooling_hint() or ("cls", False)
-        preset = Preset(name=checkpoint.folder.name, source=model, pooling=pooling, normalize=normalize,
-                        score="cosine" if normalize else "dot", max_length=128,
-                        max_length_limit=int(checkpoint.config.get("max_position_embeddings", 512)))
+    elif Path(model).exists() or "/" in model or model.startswith(SOURCE_PREFIXES):
+        checkpoint = resolve(model)
+        if options.preset:  # a preset's model, downloaded elsewhere: its settings, this folder's weights
+            preset, name = load_preset(options.preset), find_preset(options.preset)
+            preset = Preset(**{**preset.to_dict(), "source": model})
+        else:
+            name = None
+            pooling, normalize = checkpoint.pooling_hint() or ("cls", False)
+            preset = Preset(name=checkpoint.folder.name, source=model, pooling=pooling, normalize=normalize,
+                            score="cosine" if normalize else "dot", max_length=128,
+                            max_length_limit=int(checkpoint.config.get("max_position_embeddings", 512)))
     else:
         raise PresetError(f"unknown preset {model!r}; known presets: {', '.join(list_presets())}. "
                           "Pass one of them, or a checkpoint folder.")
@@ -81,6 +88,8 @@ def export_artifact(model: str, out: Path, options: ExportOptions = ExportOption
     _step(1, total, f"loading {checkpoint.source} ({checkpoint.layout} layout)")
     encoder = build_reference(checkpoint, preset.pooling, preset.normalize)
     config = checkpoint.config
+    family = checkpoint.family
+    pad_id = family.pad_id(config)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -88,21 +97,24 @@ def export_artifact(model: str, out: Path, options: ExportOptions = ExportOption
         tokenizer.save(str(work / "tokenizer.json"))
         manifest = new_manifest(
             name=preset.name, source=preset.source if preset_name else str(checkpoint.folder.resolve()),
-            preset=preset_name, config=config, pooling=preset.pooling, normalize=preset.normalize,
+            preset=preset_name, config=config, family=family, pooling=preset.pooling, normalize=preset.normalize,
             score=preset.score, max_length=preset.max_length, lowercase=checkpoint.do_lower_case,
-            tokenizer_sha256=sha256_file(work / "tokenizer.json"),
+            tokenizer=tokenizer, tokenizer_sha256=sha256_file(work / "tokenizer.json"), prompts=preset.prompts,
             extra={"int8_recipe": options.int8_recipe, "int8_static": options.int8_static,
                    "checkpoint_layout": checkpoint.layout},
         )
 
-        t = _step(2, total, "exporting the plain fp32 graph (pooling inside, dynamic axes)")
-        graph.export_plain(encoder, work / FILES["fp32"])
+        t = _step(2, total, f"exporting the plain fp32 graph ({family.name}; pooling inside, dynamic axes)")
+        trace_ids = tokenizer.encode("a short text to trace the export with").ids
+        graph.export_plain(encoder, work / FILES["fp32"], *graph.dummy_batch(trace_ids, pad_id))
+        manifest.inputs = graph.input_names(work / FILES["fp32"])
         add_variant(manifest, work, "fp32")
         log.info("fp32 export took %.1fs", time.perf_counter() - t)
 
         _step(3, total, "fusing for ONNX Runtime (Attention, SkipLayerNorm, BiasGelu)")
-        heads, hidden, layers = config["num_attention_heads"], config["hidden_size"], config["num_hidden_layers"]
-        fused = optimize.fuse(work / FILES["fp32"], heads, hidden, layers)
+        sizes = family.sizes(config)
+        fused = optimize.fuse(work / FILES["fp32"], sizes["heads"], sizes["hidden"], sizes["layers"],
+                              family.optimizer_type)
         manifest.export["fusions"] = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
         fused.save_model_to_file(str(work / FILES["opt"]))
         add_variant(manifest, work, "opt")
@@ -115,11 +127,16 @@ def export_artifact(model: str, out: Path, options: ExportOptions = ExportOption
                         f"recipe {options.int8_recipe!r})")
         calibration = None
         if options.int8_static or options.int8_recipe == "smooth":
-            calibration = list(_calibration_batches(work / "tokenizer.json", preset.max_length))
+            calibration = list(_calibration_batches(work / "tokenizer.json", preset.max_length, pad_id))
         if options.int8_static:
-            kept = int8.write_int8_static(work / FILES["fp32"], work / FILES["int8"], calibration, options.int8_recipe)
+            kept = int8.write_int8_static(work / FILES["fp32"], work / FILES["int8"], calibration, options.int8_recipe,
+                                          sizes["hidden"], sizes["intermediate"])
         else:
             kept = int8.write_int8_dynamic(work / FILES["opt"], work / FILES["int8"], options.int8_recipe, calibration)
+        if options.int8_recipe != "full" and not kept:
+            raise CoromError(f"the int8 recipe {options.int8_recipe!r} keeps the FFN MatMuls in float, but none was "
+                             f"found in this {family.name} graph: refusing to quantize everything silently; "
+                             "use --int8-recipe full to do that on purpose")
         manifest.export["int8_kept_fp32"] = kept
         add_variant(manifest, work, "int8")
 
@@ -129,7 +146,7 @@ def export_artifact(model: str, out: Path, options: ExportOptions = ExportOption
             _step(6, total, "OpenVINO: static int8 with NNCF, calibrated on real text (and bf16 on the plain graph)")
             manifest.export["openvino_int8"] = openvino_int8.write_ov_int8(
                 work / FILES["fp32"], work / FILES["ov-int8"],
-                openvino_int8.calibration_inputs(work / "tokenizer.json", preset.max_length))
+                openvino_int8.calibration_inputs(work / "tokenizer.json", preset.max_length, pad_id=pad_id))
             add_variant(manifest, work, "ov-int8")
             add_variant(manifest, work, "ov-bf16")
 
@@ -154,7 +171,7 @@ def _openvino_exporter_installed() -> bool:
     return not missing
 
 
-def _calibration_batches(tokenizer_file: Path, max_length: int, n: int = 256, batch: int = 16):
+def _calibration_batches(tokenizer_file: Path, max_length: int, pad_id: int, n: int = 256, batch: int = 16):
     """Batches of real text (docstring passages, a seed apart from the parity set), padded to max_length:
     the histogram calibrators need every batch to have one shape."""
     import numpy as np
@@ -169,6 +186,6 @@ def _calibration_batches(tokenizer_file: Path, max_length: int, n: int = 256, ba
     for idx in plan_batches([i.length for i in items], batch):
         if len(idx) < batch:
             continue
-        ids, mask = pad_batch([items[i] for i in idx])
+        ids, mask = pad_batch([items[i] for i in idx], pad_id)
         width = ((0, 0), (0, max_length - ids.shape[1]))
-        yield np.pad(ids, width), np.pad(mask, width)
+        yield np.pad(ids, width, constant_values=pad_id), np.pad(mask, width)

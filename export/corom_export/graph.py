@@ -18,10 +18,19 @@ OUTPUT_NAME = "sentence_embedding"
 OPSET = 17  # LayerNormalization is a single op from 17 on; ORT's fusions and TensorRT both read it
 
 
-def export_plain(encoder: SentenceEncoder, path: Path) -> None:
-    """Write `encoder` as ONNX fp32 to `path` and check it with `onnx.checker`."""
-    ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]], dtype=torch.int64)
-    mask = (ids != 0).to(torch.int64)
+def dummy_batch(token_ids: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows for tracing, the second one token shorter and padded with `pad_id`: real tokens of the
+    model's own tokenizer (no family's special ids hard-wired), and padding, so masks are traced too."""
+    if len(token_ids) < 3:
+        raise ValueError(f"need at least 3 tokens to trace the export, got {token_ids}")
+    short = token_ids[:-2] + token_ids[-1:] + [pad_id]
+    ids = torch.tensor([token_ids, short], dtype=torch.int64)
+    mask = torch.tensor([[1] * len(token_ids), [1] * (len(token_ids) - 1) + [0]], dtype=torch.int64)
+    return ids, mask
+
+
+def export_plain(encoder: SentenceEncoder, path: Path, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """Write `encoder` as ONNX fp32 to `path` (traced on `ids`, `mask`; see `dummy_batch`) and check it."""
     dynamic = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
     dynamic[OUTPUT_NAME] = {0: "batch"}
     with warnings.catch_warnings(), torch.inference_mode():
@@ -47,3 +56,8 @@ def export_plain(encoder: SentenceEncoder, path: Path) -> None:
     width.dim_value = encoder.bert.config.hidden_size
     onnx.save(model, str(path))
     onnx.checker.check_model(str(path), full_check=True)
+
+
+def input_names(path: Path) -> list[str]:
+    """The inputs the exported graph declares (the manifest records them; the runtime feeds them)."""
+    return [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]

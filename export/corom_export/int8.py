@@ -113,22 +113,33 @@ class _TextBatches(CalibrationDataReader):
         return None if nxt is None else {"input_ids": nxt[0], "attention_mask": nxt[1]}
 
 
+def ffn_matmuls_by_weight(model: onnx.ModelProto, hidden: int, intermediate: int) -> tuple[list[str], list[str]]:
+    """FFN input ([hidden, intermediate] weight) and output ([intermediate, hidden]) MatMuls of a plain
+    graph, found by the shapes of their weights: the same in every family, whatever its node names."""
+    shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    ffn_in, ffn_out = [], []
+    for node in model.graph.node:
+        if node.op_type != "MatMul":
+            continue
+        weight = next((shapes[i] for i in node.input if i in shapes), None)
+        if weight == (hidden, intermediate):
+            ffn_in.append(node.name)
+        elif weight == (intermediate, hidden):
+            ffn_out.append(node.name)
+    return ffn_in, ffn_out
+
+
 def write_int8_static(plain: Path, out: Path, batches: Iterable[tuple[np.ndarray, np.ndarray]],
-                      recipe: str = "attention") -> list[str]:
+                      recipe: str, hidden: int, intermediate: int) -> list[str]:
     """Static QDQ quantization calibrated on real text (percentile ranges clip rare outliers).
 
     Runs on the plain graph: ONNX Runtime folds the QDQ pairs into QLinear kernels at load time.
     """
     model = onnx.load(str(plain), load_external_data=False)
-    names = [n.name for n in model.graph.node if n.op_type == "MatMul"]
     if recipe == "smooth":
         raise ValueError("the smooth recipe is for dynamic quantization; use attention, no-ffn-out or full")
-    if recipe == "full":
-        exclude = []
-    else:
-        exclude = [n for n in names if "/output/dense" in n and "attention" not in n]
-        if recipe == "attention":
-            exclude += [n for n in names if "/intermediate/dense" in n]
+    ffn_in, ffn_out = ffn_matmuls_by_weight(model, hidden, intermediate)
+    exclude = [] if recipe == "full" else ffn_out + (ffn_in if recipe == "attention" else [])
     quantize_static(
         str(plain), str(out), _TextBatches(batches), quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import platform
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
 from corom_runtime.artifact import sha256_file
 from corom_runtime.manifest import Manifest, TokenizerEntry, VariantEntry
+
+from .families import Family
 
 
 def tool_versions() -> dict[str, str]:
@@ -22,20 +27,27 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def new_manifest(*, name: str, source: str, preset: str | None, config: dict, pooling: str, normalize: bool,
-                 score: str, max_length: int, lowercase: bool, tokenizer_sha256: str,
-                 extra: dict | None = None) -> Manifest:
+def new_manifest(*, name: str, source: str, preset: str | None, config: dict, family: Family, pooling: str,
+                 normalize: bool, score: str, max_length: int, lowercase: bool, tokenizer: Tokenizer,
+                 tokenizer_sha256: str, prompts: dict[str, str] | None = None, extra: dict | None = None) -> Manifest:
+    sizes = family.sizes(config)
     return Manifest(
         name=name, source=source, source_preset=preset,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        architecture={k: config.get(k) for k in (
-            "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-            "vocab_size", "max_position_embeddings", "hidden_act", "layer_norm_eps")},
+        architecture={"model_type": config.get("model_type"), **sizes,
+                      **{k: config.get(k) for k in ("vocab_size", "max_position_embeddings", "hidden_act",
+                                                    "layer_norm_eps", "pad_token_id")}},
         pooling=pooling, normalize=normalize, score=score, max_length=max_length,
-        embedding_dim=int(config["hidden_size"]),
-        tokenizer=TokenizerEntry(file="tokenizer.json", sha256=tokenizer_sha256, lowercase=lowercase),
+        embedding_dim=sizes["hidden"], family=family.name, pad_id=family.pad_id(config), prompts=dict(prompts or {}),
+        tokenizer=TokenizerEntry(file="tokenizer.json", sha256=tokenizer_sha256, lowercase=lowercase,
+                                 kind=tokenizer_kind(tokenizer)),
         tools=tool_versions(), export=extra or {},
     )
+
+
+def tokenizer_kind(tokenizer: Tokenizer) -> str:
+    """WordPiece, Unigram, BPE or WordLevel: the `tokenizers` model inside."""
+    return str(json.loads(tokenizer.to_str())["model"]["type"])
 
 
 def add_variant(manifest: Manifest, folder: Path, name: str) -> VariantEntry:

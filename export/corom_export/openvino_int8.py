@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnx
@@ -51,7 +50,7 @@ def ffn_output_matmuls(model: onnx.ModelProto) -> list[str]:
 
 
 def calibration_inputs(tokenizer_file: Path, max_length: int, n: int = CALIBRATION_TEXTS,
-                       batch: int = CALIBRATION_BATCH) -> list[dict[str, np.ndarray]]:
+                       batch: int = CALIBRATION_BATCH, pad_id: int = 0) -> list[dict[str, np.ndarray]]:
     """Length-sorted batches of calibration-split text: long and mixed passages, queries and one-to-four
     word snippets, padded per batch as the runtime pads them.
 
@@ -68,7 +67,7 @@ def calibration_inputs(tokenizer_file: Path, max_length: int, n: int = CALIBRATI
     items = TextTokenizer.from_file(tokenizer_file, max_length).encode(texts)
     out = []
     for idx in plan_batches([i.length for i in items], batch):
-        ids, mask = pad_batch([items[i] for i in idx])
+        ids, mask = pad_batch([items[i] for i in idx], pad_id)
         out.append({"input_ids": ids, "attention_mask": mask})
     return out
 

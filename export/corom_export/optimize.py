@@ -15,9 +15,9 @@ log = logging.getLogger(__name__)
 REQUIRED_FUSIONS = ("Attention", "SkipLayerNormalization")
 
 
-def fuse(plain: Path, num_heads: int, hidden_size: int, num_layers: int) -> OnnxModel:
+def fuse(plain: Path, num_heads: int, hidden_size: int, num_layers: int, model_type: str = "bert") -> OnnxModel:
     """Fuse the plain export; raise if a layer's attention or LayerNorm was not fused."""
-    model = optimize_model(str(plain), model_type="bert", num_heads=num_heads, hidden_size=hidden_size)
+    model = optimize_model(str(plain), model_type=model_type, num_heads=num_heads, hidden_size=hidden_size)
     stats = model.get_fused_operator_statistics()
     log.info("fusions: %s", {k: v for k, v in stats.items() if v})
     if stats.get("Attention", 0) + stats.get("MultiHeadAttention", 0) < num_layers:

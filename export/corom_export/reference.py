@@ -1,4 +1,4 @@
-"""The PyTorch reference encoder: `BertModel` (no pooler) + the preset's pooling + optional L2 norm.
+"""The PyTorch reference encoder: the family's base model (no pooler) + the preset's pooling + optional L2 norm.
 
 For the CoROM preset (CLS pooling, no normalisation) this computes exactly what ModelScope's
 `BertForSentenceEmbedding` returns: the last hidden state of token 0, unnormalised.
@@ -10,7 +10,6 @@ import logging
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertModel
 
 from .sources import Checkpoint, SourceError
 
@@ -18,9 +17,11 @@ log = logging.getLogger(__name__)
 
 
 class SentenceEncoder(nn.Module):
-    """BERT + pooling (+ L2 normalisation): `(input_ids, attention_mask) -> [batch, dim]`."""
+    """Encoder + pooling (+ L2 normalisation): `(input_ids, attention_mask) -> [batch, dim]`.
 
-    def __init__(self, bert: BertModel, pooling: str, normalize: bool) -> None:
+    `self.bert` is the family's base model (BertModel, XLMRobertaModel, ...), named for history."""
+
+    def __init__(self, bert: nn.Module, pooling: str, normalize: bool) -> None:
         super().__init__()
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
@@ -57,30 +58,39 @@ def load_state_dict(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
         ) from exc
 
 
-def load_bert(checkpoint: Checkpoint) -> BertModel:
-    """Build `BertModel(add_pooling_layer=False)` from the checkpoint; sizes come from its config."""
-    config = BertConfig(**{k: v for k, v in checkpoint.config.items() if k != "architectures"})
-    # eager attention: its graph is the one ONNX Runtime's BERT fusions recognise
+def load_encoder(checkpoint: Checkpoint) -> nn.Module:
+    """Build the family's base encoder (no pooler) from the checkpoint; sizes come from its config.
+
+    Weights are matched by name after the family's prefixes are stripped; a missing tensor or one whose
+    shape disagrees with the config is named in the error."""
+    import transformers
+
+    family = checkpoint.family
+    config_class = getattr(transformers, family.config_class)
+    config = config_class(**{k: v for k, v in checkpoint.config.items() if k != "architectures"})
+    # eager attention: its graph is the one ONNX Runtime's transformer fusions recognise
     config._attn_implementation = "eager"
-    model = BertModel(config, add_pooling_layer=False)
-    expected = set(model.state_dict())
+    model = getattr(transformers, family.model_class)(config, **family.model_kwargs)
+    expected = model.state_dict()
     state = {}
     for key, value in load_state_dict(checkpoint).items():
-        name = key[len("bert."):] if key.startswith("bert.") else key
+        name = next((key[len(p):] for p in family.weight_prefixes if key.startswith(p)), key)
         if name in expected:
             state[name] = value
-    missing = sorted(k for k in expected - set(state) if not k.endswith("position_ids"))
+    missing = sorted(k for k in set(expected) - set(state) if not k.endswith("position_ids"))
     if missing:
         raise SourceError(
-            f"{checkpoint.weights} lacks {len(missing)} BERT weights (e.g. {missing[:3]}); "
-            "is it a BERT encoder checkpoint of this config?"
-        )
-    try:
-        model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches between config and weights
-        raise SourceError(f"{checkpoint.weights} does not match {checkpoint.folder / 'config.json'}: {exc}") from exc
+            f"{checkpoint.weights} lacks {len(missing)} {family.name} weights that "
+            f"{checkpoint.folder / 'config.json'} implies, e.g. {', '.join(missing[:3])}; "
+            "is it the checkpoint of this config?")
+    for name, value in state.items():
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise SourceError(
+                f"{checkpoint.weights}: tensor {name!r} has shape {list(value.shape)} but "
+                f"{checkpoint.folder / 'config.json'} implies {list(expected[name].shape)}: config and weights disagree")
+    model.load_state_dict(state, strict=False)
     return model.eval()
 
 
 def build_reference(checkpoint: Checkpoint, pooling: str, normalize: bool) -> SentenceEncoder:
-    return SentenceEncoder(load_bert(checkpoint), pooling, normalize).eval()
+    return SentenceEncoder(load_encoder(checkpoint), pooling, normalize).eval()

@@ -84,11 +84,12 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def reference_embed(encoder: SentenceEncoder, items: list[TokenizedText], dim: int, batch_size: int = 32) -> np.ndarray:
+def reference_embed(encoder: SentenceEncoder, items: list[TokenizedText], dim: int, pad_id: int,
+                    batch_size: int = 32) -> np.ndarray:
     out = np.empty((len(items), dim), dtype=np.float32)
     with torch.inference_mode():
         for batch in plan_batches([i.length for i in items], batch_size):
-            ids, mask = pad_batch([items[i] for i in batch])
+            ids, mask = pad_batch([items[i] for i in batch], pad_id)
             out[batch] = encoder(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
     return out
 
@@ -99,8 +100,10 @@ def measure_batch_invariance(embedder: Embedder, items: list[TokenizedText], n: 
     batches (each padded to its longest, as a server's batch of concurrent requests would be)."""
     rng = random.Random(seed)
     picked = rng.sample(items, min(n, len(items)))
-    alone = np.concatenate([embedder.session.run(*pad_batch([item])) for item in picked])
-    mixed = np.concatenate([embedder.session.run(*pad_batch(picked[i:i + batch])) for i in range(0, len(picked), batch)])
+    pad = embedder.artifact.pad_id
+    alone = np.concatenate([embedder.session.run(*pad_batch([item], pad)) for item in picked])
+    mixed = np.concatenate([embedder.session.run(*pad_batch(picked[i:i + batch], pad))
+                            for i in range(0, len(picked), batch)])
     return batch_invariance(alone, mixed)
 
 
@@ -133,7 +136,7 @@ def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, va
     corpus = build_corpus(n_queries=n_queries, n_passages=n_passages)
     items = tokenizer.encode(corpus.queries + corpus.passages)
     print(f"verifying {len(names)} variant(s) on {len(items)} texts ({n_queries} queries, {n_passages} passages)", flush=True)
-    reference = reference_embed(encoder, items, artifact.dim)
+    reference = reference_embed(encoder, items, artifact.dim, artifact.pad_id)
 
     report = VerifyReport(artifact=artifact.path)
     pairs = None
@@ -143,7 +146,7 @@ def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, va
     elif stsb_dir is not None:
         pairs = load_pairs(stsb_dir)
         report.reference_stsb = stsb_spearman(
-            lambda texts: reference_embed(encoder, tokenizer.encode(texts), artifact.dim), pairs)
+            lambda texts: reference_embed(encoder, tokenizer.encode(texts), artifact.dim, artifact.pad_id), pairs)
 
     for name in names:
         entry = artifact.variants[name]

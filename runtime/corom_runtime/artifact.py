@@ -10,9 +10,9 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ArtifactError
+from .errors import ArtifactError, MissingArtifactError
 from .manifest import MANIFEST, Manifest, VariantEntry
-from .presets import build_dir
+from .presets import artifact_dir, build_dir, find_preset, list_presets
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -53,6 +53,14 @@ class Artifact:
     @property
     def max_length(self) -> int:
         return self.manifest.max_length
+
+    @property
+    def pad_id(self) -> int:
+        return self.manifest.pad_id
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        return self.manifest.prompts
 
     @property
     def dim(self) -> int:
@@ -96,16 +104,25 @@ class Artifact:
 
 
 def resolve_path(path_or_preset: str | Path) -> Path:
-    """An artifact folder, or a preset name standing for `models/build/NAME`."""
-    path = Path(path_or_preset)
+    """An artifact folder; or a preset name, found in the user cache (`presets.artifact_dir`), else in a
+    clone's `models/build/NAME`."""
+    path = Path(path_or_preset).expanduser()
     if path.is_dir():
         return path
-    if isinstance(path_or_preset, str) and "/" not in path_or_preset and build_dir(path_or_preset).is_dir():
-        return build_dir(path_or_preset)
+    name = str(path_or_preset)
+    if "/" not in name and "\\" not in name:
+        for candidate in (artifact_dir(name), build_dir(name)):
+            if candidate.is_dir():
+                return candidate
+        known = find_preset(name)
+        if known:
+            raise MissingArtifactError(
+                f"preset {known!r} has not been exported on this machine (looked in {artifact_dir(known)}): "
+                f"run `corom export {known}` (needs the exporter: the CPU torch, then pip install "
+                "'corom-onnx[export]'; see README)", preset=known)
     raise ArtifactError(
-        f"no artifact at {path_or_preset!s}: export one with `corom export {path_or_preset} --out {path}` "
-        "(or pass the folder that `corom export` wrote)"
-    )
+        f"no artifact at {path_or_preset!s}: pass the folder that `corom export` wrote, or a preset name "
+        f"({', '.join(list_presets())})")
 
 
 def load_artifact(path_or_preset: str | Path) -> Artifact:

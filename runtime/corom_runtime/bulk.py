@@ -49,6 +49,7 @@ class BulkOptions:
     shard_size: int = 50_000
     batch_size: int = 32
     skip_bad: bool = False
+    prompt_name: str | None = None       # the model's prompt put before every text (e5: "passage")
     resume: bool = False
     force: bool = False
 
@@ -63,7 +64,7 @@ class BulkOptions:
             raise CoromError("--resume keeps the finished shards and --force deletes them: give one of the two")
 
 
-JOB_KEYS = ("input_format", "output_format", "text_field", "id_field", "shard_size", "skip_bad")
+JOB_KEYS = ("input_format", "output_format", "text_field", "id_field", "shard_size", "skip_bad", "prompt_name")
 
 
 @dataclass
@@ -217,6 +218,7 @@ def embed_corpus(options: BulkOptions, load_embedder: Callable[[str | None], "ob
     if options.resume and (options.output / JOB_FILE).exists():
         recorded_variant = json.loads((options.output / JOB_FILE).read_text(encoding="utf-8")).get("variant")
     embedder = load_embedder(recorded_variant)
+    embedder.prompt_text(options.prompt_name)  # an unknown prompt name fails here, before any output
     record = job_record(options, fmt, fingerprint, found, str(embedder.artifact.path), embedder.variant)
     prepare_output(options, record)
 
@@ -231,7 +233,7 @@ def embed_corpus(options: BulkOptions, load_embedder: Callable[[str | None], "ob
                                              options.shard_size)):
             if index in done:
                 continue
-            data = _embed_shard(embedder, rows, options.batch_size, bar)
+            data = _embed_shard(embedder, rows, options.batch_size, bar, options.prompt_name)
             write_shard(options.output, index, options.output_format, data, found.id_type)
             tokens += int(data.tokens.sum())
             truncated += int(data.truncated.sum())
@@ -269,11 +271,11 @@ def _shards(rows: Iterator[Row], shard_size: int) -> Iterator[list[Row]]:
         yield shard
 
 
-def _embed_shard(embedder, rows: list[Row], batch_size: int, bar) -> ShardData:
+def _embed_shard(embedder, rows: list[Row], batch_size: int, bar, prompt_name: str | None) -> ShardData:
     vectors = np.empty((len(rows), embedder.dim), dtype=np.float32)
     tokens = np.empty(len(rows), dtype=np.int32)
     truncated = np.empty(len(rows), dtype=bool)
-    for window in embedder.encode_iter((row.text for row in rows), batch_size=batch_size):
+    for window in embedder.encode_iter((row.text for row in rows), batch_size=batch_size, prompt_name=prompt_name):
         end = window.start + len(window)
         vectors[window.start:end] = window.vectors
         tokens[window.start:end] = window.tokens

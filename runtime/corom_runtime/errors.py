@@ -16,6 +16,14 @@ class ArtifactError(CoromError):
     """An artifact folder that is missing, corrupt or does not match its manifest."""
 
 
+class MissingArtifactError(ArtifactError):
+    """A preset whose artifact has not been exported on this machine yet."""
+
+    def __init__(self, message: str, preset: str) -> None:
+        super().__init__(message)
+        self.preset = preset
+
+
 class ProviderUnavailableError(CoromError):
     """An execution provider was asked for but this onnxruntime build or machine lacks it."""
 

@@ -36,6 +36,7 @@ class TokenizerEntry:
     lowercase: bool = True
     truncation: str = "longest_first"
     padding: str = "per batch"
+    kind: str = "WordPiece"          # the tokenizers model: WordPiece (BERT), Unigram (XLM-R), BPE (RoBERTa)
 
 
 @dataclass
@@ -89,6 +90,9 @@ class Manifest:
     created: str = ""
     inputs: list[str] = field(default_factory=lambda: ["input_ids", "attention_mask"])
     output: str = "sentence_embedding"
+    family: str = "bert"
+    pad_id: int = 0                  # batches are padded with it (RoBERTa/XLM-R: 1)
+    prompts: dict[str, str] = field(default_factory=dict)   # name -> text put before the input
     architecture: dict = field(default_factory=dict)
     tools: dict = field(default_factory=dict)
     export: dict = field(default_factory=dict)
@@ -135,11 +139,15 @@ class Manifest:
                 lowercase=check.boolean(tok, "tokenizer.lowercase", default=True),
                 truncation=str(tok.get("truncation", "longest_first")),
                 padding=str(tok.get("padding", "per batch")),
+                kind=str(tok.get("kind", "WordPiece")),
             ),
             source_preset=check.optional_text(data, "source_preset"),
             created=str(data.get("created", "")),
             inputs=list(data.get("inputs", ["input_ids", "attention_mask"])),
             output=str(data.get("output", "sentence_embedding")),
+            family=str(data.get("family", "bert")),
+            pad_id=check.integer(data, "pad_id", 0, 1 << 24) if "pad_id" in data else 0,
+            prompts=check.prompts(data, "prompts"),
             architecture=check.obj(data, "architecture", required=False),
             tools=check.obj(data, "tools", required=False),
             export=check.obj(data, "export", required=False),
@@ -254,6 +262,12 @@ class _Checker:
         if not isinstance(value, dict):
             self.fail(dotted, f"must be an object, not {_kind(value)}")
         return value
+
+    def prompts(self, data: dict, dotted: str) -> dict[str, str]:
+        value = self.obj(data, dotted, required=False)
+        if not all(isinstance(k, str) and k and isinstance(v, str) for k, v in value.items()):
+            self.fail(dotted, "must map prompt names to prompt texts (strings)")
+        return dict(value)
 
     def sha256(self, data: dict, dotted: str) -> str:
         value = self._get(data, dotted)

@@ -14,7 +14,7 @@ import numpy as np
 from .engines import ENGINES
 from .errors import ArtifactError, ProviderUnavailableError
 from .providers import SessionSettings
-from .session import ATTENTION_MASK, INPUT_IDS, OUTPUT
+from .session import OUTPUT, build_feed, check_inputs
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,7 @@ class OpenVINOSession:
                 f"OpenVINO cannot compile {model_path} for {target} ({exc}); if the file is damaged, "
                 "re-export it with `corom export ... --force`"
             ) from exc
-        names = {name for port in self._compiled.inputs for name in port.get_names()}
-        if not {INPUT_IDS, ATTENTION_MASK} <= names:
-            raise ArtifactError(f"{model_path} has inputs {sorted(names)}, expected input_ids and attention_mask")
+        self.inputs = check_inputs([port.get_any_name() for port in self._compiled.inputs], model_path)
         self._output = self._compiled.output(OUTPUT)
         hint = self._compiled.get_property("INFERENCE_PRECISION_HINT") if device == "cpu" else None
         # what the CPU plugin really runs the non-int8 ops in (bf16 only where the CPU has it)
@@ -107,7 +105,7 @@ class OpenVINOSession:
         except queue.Empty:
             request = self._compiled.create_infer_request()
         try:
-            result = request.infer({INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask})
+            result = request.infer(build_feed(self.inputs, input_ids, attention_mask))
             # the request reuses its output buffer on the next call: hand the caller its own copy
             return np.array(result[self._output], dtype=np.float32, copy=True)
         finally:

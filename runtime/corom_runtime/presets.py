@@ -1,20 +1,26 @@
-"""Model presets: one small JSON file per model in the repository's `models/` folder.
+"""Model presets and where artifacts live.
 
-A preset says where the checkpoint comes from and how to turn token states into a sentence
-embedding (pooling, normalisation), the default max length and the score function.
+Presets are package data (`presets.json`, one table): where a model's checkpoint comes from and how to
+turn token states into a sentence embedding (pooling, normalisation), the default max length, the
+score function and the model's prompts (e5's "query: ", bge's query instruction). More presets can be
+added as `NAME.json` files in `$COROM_PRESETS_DIR`.
+
+Artifacts go to a user cache, found by preset name from anywhere: `$COROM_CACHE_DIR` (or
+`corom --cache-dir`), else `~/.cache/corom-onnx`, under `artifacts/NAME`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import PresetError
 
 POOLINGS = ("cls", "mean")
 SCORES = ("dot", "cosine")
+TABLE = Path(__file__).with_name("presets.json")
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,7 @@ class Preset:
     max_length: int
     max_length_limit: int = 512
     description: str = ""
+    prompts: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -37,43 +44,67 @@ class Preset:
             raise PresetError(
                 f"preset {self.name!r}: max_length {self.max_length} must be within 2..{self.max_length_limit}"
             )
+        if not isinstance(self.prompts, dict) or not all(
+                isinstance(k, str) and k and isinstance(v, str) for k, v in self.prompts.items()):
+            raise PresetError(f"preset {self.name!r}: prompts must map names to texts, got {self.prompts!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def models_dir() -> Path:
-    """The folder holding the presets (`COROM_MODELS_DIR`, else the repository's `models/`)."""
-    env = os.environ.get("COROM_MODELS_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "models"
+def cache_root() -> Path:
+    """The user cache: `$COROM_CACHE_DIR`, else `~/.cache/corom-onnx` (OpenVINO/TensorRT caches live here too)."""
+    env = os.environ.get("COROM_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "corom-onnx"
+
+
+def artifact_dir(name: str) -> Path:
+    """Where `corom export NAME` writes, and where `Embedder.load(NAME)` looks."""
+    return cache_root() / "artifacts" / name
 
 
 def build_dir(name: str) -> Path:
-    """Where `corom export NAME` writes its artifact by default."""
-    return models_dir() / "build" / name
+    """A clone's `models/build/NAME` (where `make demo` and the benchmarks export)."""
+    return Path(__file__).resolve().parents[2] / "models" / "build" / name
+
+
+def _user_presets() -> dict[str, dict]:
+    folder = os.environ.get("COROM_PRESETS_DIR")
+    if not folder or not Path(folder).is_dir():
+        return {}
+    out = {}
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            out[path.stem] = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise PresetError(f"preset file {path} is malformed: {exc}") from exc
+    return out
+
+
+def _table() -> dict[str, dict]:
+    return {**json.loads(TABLE.read_text(encoding="utf-8")), **_user_presets()}
 
 
 def list_presets() -> list[str]:
-    folder = models_dir()
-    return sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+    return sorted(_table())
+
+
+def find_preset(name: str) -> str | None:
+    """The preset's exact name for `name` (case-insensitive), or None."""
+    return next((known for known in _table() if known.lower() == str(name).lower()), None)
 
 
 def load_preset(name: str) -> Preset:
-    """Read the preset `name` from `models/NAME.json`.
+    """The preset `name` (case-insensitive).
 
-    >>> load_preset("all-minilm-l6-v2").pooling
-    'mean'
+    >>> load_preset("e5-small-v2").prompts["query"]
+    'query: '
     """
-    path = models_dir() / f"{name}.json"
-    if not path.is_file():
-        raise PresetError(
-            f"unknown preset {name!r}; known presets: {', '.join(list_presets()) or 'none'} "
-            f"(in {models_dir()}). Pass one of them, or a checkpoint folder."
-        )
+    known = find_preset(name)
+    if known is None:
+        raise PresetError(f"unknown preset {name!r}; known presets: {', '.join(list_presets())}. "
+                          "Pass one of them, or a checkpoint folder.")
     try:
-        data = json.loads(path.read_text())
-        return Preset(**data)
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise PresetError(f"preset file {path} is malformed: {exc}") from exc
+        return Preset(name=known, **_table()[known])
+    except TypeError as exc:
+        raise PresetError(f"preset {known!r} is malformed: {exc}") from exc

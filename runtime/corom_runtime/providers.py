@@ -6,10 +6,11 @@ import hashlib
 import logging
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from .presets import cache_root
 from .threads import available_cpus
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class SessionSettings:
     threads: int | None = None
     graph_optimization: str = "all"
     cpu_mem_arena: bool = True
-    cache_dir: Path = Path.home() / ".cache" / "corom-onnx"
+    cache_dir: Path = field(default_factory=cache_root)  # engine caches (OpenVINO blobs, TensorRT engines)
     # TensorRT shape profile, matched to the batching buckets (batch up to max_batch, any length).
     trt_max_batch: int = 64
     trt_opt_batch: int = 32

@@ -92,6 +92,20 @@ def _texts(value: Any, field_name: str, max_items: int, allow_empty: bool = Fals
     return value
 
 
+def _with_prompt(embedder: Embedder, body: dict, texts: list[str]) -> list[str]:
+    """The texts with the model's prompt `prompt_name` before each (TEI's field), or as they are."""
+    name = body.get("prompt_name")
+    if name is None:
+        return texts
+    if not isinstance(name, str):
+        raise HTTPError(400, f"'prompt_name' must be a string, got {_kind(name)}")
+    try:
+        prefix = embedder.prompt_text(prompt_name=name)
+    except ValueError as exc:
+        raise HTTPError(400, str(exc)[:400]) from exc
+    return [prefix + t for t in texts]
+
+
 def _kind(value: Any) -> str:
     return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null",
             int: "int", float: "float"}.get(type(value), type(value).__name__)
@@ -169,7 +183,7 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
         body = await _json(request)
         if not isinstance(body, dict) or "input" not in body:
             raise HTTPError(400, "body must be a JSON object with 'input' (a string or a list of strings)")
-        texts = _texts(body["input"], "input", settings.max_items)
+        texts = _with_prompt(embedder, body, _texts(body["input"], "input", settings.max_items))
         model = _echo(body.get("model"), "model")
         fmt = body.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
@@ -190,7 +204,8 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
         body = await _json(request)
         if not isinstance(body, dict) or "inputs" not in body:
             raise HTTPError(400, "body must be a JSON object with 'inputs' (a string or a list of strings)")
-        emb, _ = await embed_texts(request, _texts(body["inputs"], "inputs", settings.max_items))
+        texts = _with_prompt(embedder, body, _texts(body["inputs"], "inputs", settings.max_items))
+        emb, _ = await embed_texts(request, texts)
         return JSONResponse(emb.tolist())
 
     async def similarity(request: Request) -> Response:

@@ -21,6 +21,28 @@ from .providers import SessionSettings, provider_list, session_options
 log = logging.getLogger(__name__)
 
 INPUT_IDS, ATTENTION_MASK, OUTPUT = "input_ids", "attention_mask", "sentence_embedding"
+TOKEN_TYPE_IDS = "token_type_ids"
+# what the runtime can feed: the two it tokenizes, and token types (all 0: one-segment inputs)
+FEEDABLE = (INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS)
+
+
+def check_inputs(names: list[str], model_path: Path) -> list[str]:
+    """The graph's input names, checked to be ones the runtime can feed; returned in graph order."""
+    unknown = [n for n in names if n not in FEEDABLE]
+    if unknown or INPUT_IDS not in names:
+        raise ArtifactError(f"{model_path} has inputs {names}; the runtime feeds {list(FEEDABLE)} "
+                            "(input_ids required). Re-export it with `corom export`")
+    return names
+
+
+def build_feed(names: list[str], input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+    """The feed for a graph with inputs `names`, built from what the graph asks for. Pure.
+
+    >>> sorted(build_feed(["input_ids", "token_type_ids"], np.ones((1, 2), np.int64), np.ones((1, 2), np.int64)))
+    ['input_ids', 'token_type_ids']
+    """
+    have = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask}
+    return {name: have[name] if name in have else np.zeros_like(input_ids) for name in names}
 
 
 class EncoderSession(Protocol):
@@ -60,20 +82,19 @@ class ORTSession:
                 f"onnxruntime cannot load {model_path} on {device} ({type(exc).__name__}: {exc}); "
                 "if the file is damaged, re-export it with `corom export ... --force`"
             ) from exc
-        names = {i.name for i in self._session.get_inputs()}
-        if names != {INPUT_IDS, ATTENTION_MASK}:
-            raise ArtifactError(f"{model_path} has inputs {sorted(names)}, expected input_ids and attention_mask")
+        self.inputs = check_inputs([i.name for i in self._session.get_inputs()], model_path)
         self.providers = self._session.get_providers()
         # IO binding on GPUs: inputs go to the device once, the output is written straight into host
         # memory ORT allocates; no intermediate tensor is copied back.
         self._bind = device in ("cuda", "tensorrt") and self.providers[0] != "CPUExecutionProvider"
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        feed = build_feed(self.inputs, input_ids, attention_mask)
         if not self._bind:
-            return self._session.run([OUTPUT], {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask})[0]
+            return self._session.run([OUTPUT], feed)[0]
         binding = self._session.io_binding()
-        binding.bind_cpu_input(INPUT_IDS, input_ids)
-        binding.bind_cpu_input(ATTENTION_MASK, attention_mask)
+        for name, value in feed.items():
+            binding.bind_cpu_input(name, value)
         binding.bind_output(OUTPUT, "cpu")
         self._session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
