@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[export,openvino,serve,bulk,ray,bench,test]"
+	$(PY) -m pip install -q -e ".[cpu,export,openvino,serve,bulk,ray,bench,test]"
 	touch $@
 
 demo: setup

@@ -110,3 +110,20 @@ def test_unsupported_model_type_names_the_families():
         family_for({"model_type": "gpt2"})
     for name in FAMILIES:
         assert name in str(exc.value)
+
+
+def test_server_routes_take_prompt_name(family_artifact):
+    from starlette.testclient import TestClient
+
+    from corom_runtime.server import ServerSettings, create_app
+
+    _, _, out, _ = family_artifact
+    emb = Embedder.load(out, variant="fp32", device="cpu")
+    with TestClient(create_app(emb, ServerSettings(allowed_hosts=("testserver",)))) as client:
+        tei = client.post("/embed", json={"inputs": ["x"], "prompt_name": "passage"})
+        openai = client.post("/v1/embeddings", json={"input": ["x"], "prompt_name": "query"})
+        wrong = client.post("/embed", json={"inputs": ["x"], "prompt_name": "title"})
+    assert tei.status_code == 200 and openai.status_code == 200
+    np.testing.assert_allclose(tei.json()[0], emb.encode(["passage: x"])[0], atol=1e-5)
+    np.testing.assert_allclose(openai.json()["data"][0]["embedding"], emb.encode(["query: x"])[0], atol=1e-5)
+    assert wrong.status_code == 400 and "known: 'query', 'passage'" in wrong.json()["error"]["message"]

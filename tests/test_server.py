@@ -125,6 +125,9 @@ def test_embed_and_similarity(server):
     ("/v1/embeddings", b'{"input": "x", "model": 7}', 400, "'model' must be a string"),
     ("/embed", b'{"inputs": ["\xff\xfe"]}', 400, "malformed JSON"),
     ("/v1/embeddings", json.dumps({"input": ["x"], "dimensions": True}).encode(), 400, "384 dimensions"),
+    ("/embed", json.dumps({"inputs": ["x"], "prompt_name": "query"}).encode(), 400,
+     "unknown prompt_name 'query' for all-minilm-l6-v2; known: none"),
+    ("/v1/embeddings", json.dumps({"input": ["x"], "prompt_name": 5}).encode(), 400, "'prompt_name' must be a string"),
 ])
 def test_bad_input_gets_4xx_and_server_keeps_serving(server, path, body, status, message):
     r = httpx.post(server.url(path), content=body, headers={"content-type": "application/json"})

@@ -4,7 +4,8 @@ The runtime (session choice, `variant="auto"`), the CLI (its choices and help), 
 files to write, which gate each variant must pass), the benchmarks and the tests all read these
 three tables instead of spelling variant or device names themselves.
 
-- An **engine** is an inference library: ONNX Runtime (always installed) or OpenVINO (optional extra).
+- An **engine** is an inference library, each an install extra: ONNX Runtime (`[cpu]`, or `[gpu]` with
+  CUDA/TensorRT: one build, never both) or OpenVINO (`[openvino]`).
 - A **device** is what a caller asks for (`device="cpu"`); each belongs to one or more engines.
 - A **variant** is one graph file plus the engine and precision it is meant to run with. Two variants
   may share a file (`ov-bf16` runs the plain fp32 graph with OpenVINO's bf16 inference precision).
@@ -62,7 +63,7 @@ class VariantSpec:
 
 
 ENGINES: dict[str, Engine] = {
-    "onnxruntime": Engine("onnxruntime", "onnxruntime", "pip install onnxruntime (or 'corom-onnx[gpu]')",
+    "onnxruntime": Engine("onnxruntime", "onnxruntime", "pip install 'corom-onnx[cpu]' (ONNX Runtime; '[gpu]' on NVIDIA machines)",
                           ("cpu", "cuda", "tensorrt")),
     "openvino": Engine("openvino", "openvino", "pip install 'corom-onnx[openvino]'", ("cpu", "gpu", "npu")),
 }

@@ -85,7 +85,9 @@ def choose_variant(variants: dict[str, VariantEntry], requested: str, device: st
                   and variants[n].engine in machine.engines]
     if not candidates:
         skipped = [n for n in order if variants[n].passed and device in variants[n].devices]
-        why = (f"those that passed need {sorted({variants[n].engine for n in skipped})}, not installed"
+        needed = sorted({variants[n].engine for n in skipped})
+        why = (f"those that passed need {' or '.join(needed)}, not installed here; install one: "
+               + " / ".join(ENGINES[e].install for e in needed if e in ENGINES)
                if skipped else "none passed its parity gate for it")
         raise ArtifactError(f"no variant of {artifact} can run on {device!r}: {why}")
     timed = [(measured_speed(variants[n], machine), n) for n in candidates]
