@@ -127,3 +127,19 @@ def test_server_routes_take_prompt_name(family_artifact):
     np.testing.assert_allclose(tei.json()[0], emb.encode(["passage: x"])[0], atol=1e-5)
     np.testing.assert_allclose(openai.json()["data"][0]["embedding"], emb.encode(["query: x"])[0], atol=1e-5)
     assert wrong.status_code == 400 and "known: 'query', 'passage'" in wrong.json()["error"]["message"]
+
+
+def test_corpus_job_applies_the_prompt_and_refuses_an_unknown_one(family_artifact, tmp_path):
+    from corom_runtime.bulk import BulkOptions, embed_corpus
+    from corom_runtime.corpus_io import read_output
+
+    _, _, out, _ = family_artifact
+    emb = Embedder.load(out, variant="fp32", device="cpu")
+    src = tmp_path / "c.txt"
+    src.write_text("\n".join(TEXTS) + "\n")
+    embed_corpus(BulkOptions(src, tmp_path / "v", prompt_name="passage"), lambda _: emb, progress=False)
+    _, vectors, _, _ = read_output(tmp_path / "v")
+    assert cos(vectors, emb.encode(["passage: " + t for t in TEXTS])).min() >= 0.99999
+    with pytest.raises(ValueError, match="unknown prompt_name 'doc'"):
+        embed_corpus(BulkOptions(src, tmp_path / "w", prompt_name="doc"), lambda _: emb, progress=False)
+    assert not (tmp_path / "w").exists()
