@@ -25,7 +25,6 @@ import numpy as np
 from .embedder import Embedder
 from .errors import BatcherClosedError, OverloadedError
 from .metrics import SIZE_BUCKETS, Metrics
-from .heap import HeapTrimmer
 from .tokenization import TokenizedText, check_texts
 
 log = logging.getLogger(__name__)
@@ -150,7 +149,6 @@ class DynamicBatcher:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self._queue: deque[_Entry] = deque()
-        self._trimmer = HeapTrimmer()
         self._queued_texts = 0
         self._cond = threading.Condition()
         self._closing = False
@@ -278,8 +276,6 @@ class DynamicBatcher:
                         self.metrics.inc("corom_requests_cancelled_total")
                 if live:
                     self._infer(live)
-                    # idle now? give freed buffers back (see heap.py); never while requests wait
-                    self._trimmer.maybe_trim(time.perf_counter(), idle=not self._queue)
             except Exception:  # noqa: BLE001 - a worker bug must not silently stall every caller
                 log.exception("the batcher's worker failed a round; its requests failed, the worker goes on")
                 self.metrics.inc("corom_worker_errors_total")
