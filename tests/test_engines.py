@@ -114,3 +114,19 @@ def test_openvino_compile_config():
     assert compile_config("cpu", "bf16", settings, ["FP32", "INT8"])["INFERENCE_PRECISION_HINT"] == "f32"
     assert compile_config("cpu", "int8", settings, ["FP32", "INT8"])["INFERENCE_PRECISION_HINT"] == "f32"
     assert "INFERENCE_NUM_THREADS" not in compile_config("gpu", "bf16", settings, ["FP16"])
+
+
+def test_openvino_gets_a_bounded_onednn_primitive_cache_unless_the_user_set_one():
+    """Set before OpenVINO's CPU plugin loads (it reads it once): a server's varying shapes would
+    otherwise fill the default 1,024-entry cache for many minutes (see openvino_session)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os; from corom_runtime.openvino_session import import_openvino; import_openvino(); "
+            "print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])")
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    default = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    chosen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**env, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256"})
+    assert default.stdout.strip() == "64" and chosen.stdout.strip() == "256", default.stderr + chosen.stderr
