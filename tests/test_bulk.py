@@ -211,3 +211,14 @@ def test_read_rows_keeps_line_numbers_for_text_files(tmp_path):
     src.write_bytes(b"a\r\nb\n\xff\n")
     rows = list(read_rows(src, "text"))
     assert [(r.id, r.text, r.line) for r in rows] == [(0, "a", 1), (1, "b", 2), (2, "\ufffd", 3)]
+
+
+def test_cli_json_lines_read_the_text_field_of_jsonl(bundled_artifact, tmp_path, capsys):
+    src = write_jsonl(tmp_path / "c.jsonl", ["first text", "second text"])
+    model = ["--model", str(bundled_artifact), "--variant", "fp32"]
+    assert corom(["embed", *model, "--file", str(src), "--text-field", "body"]) == 0
+    lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    assert [l["text"] for l in lines] == ["first text", "second text"]
+    (tmp_path / "bad.jsonl").write_text('{"body": "ok"}\n{"title": "no body"}\n')
+    assert corom(["embed", *model, "--file", str(tmp_path / "bad.jsonl"), "--text-field", "body"]) == 2
+    assert "line 2 (id 1): text is missing" in capsys.readouterr().err

@@ -25,8 +25,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .corpus_io import (OUTPUT_FORMATS, Row, ShardData, describe, file_fingerprint, id_hash, input_format,
-                        read_rows, row_problem, shard_path, shard_rows, write_shard)
+from .corpus_io import (OUTPUT_FORMATS, Row, ShardData, describe, file_fingerprint, id_hash, import_pyarrow,
+                        input_format, read_rows, row_problem, shard_path, shard_rows, write_shard)
 from .errors import CoromError
 
 log = logging.getLogger(__name__)
@@ -289,8 +289,6 @@ def _kept_counts(options: BulkOptions, done: set[int]) -> tuple[int, int]:
     for index in done:
         path = shard_path(options.output, index, options.output_format)
         if options.output_format == "parquet":
-            from .corpus_io import import_pyarrow
-
             table = import_pyarrow().parquet.read_table(path, columns=["tokens", "truncated"])
             tokens += int(table.column("tokens").to_numpy().sum())
             truncated += int(np.asarray(table.column("truncated").to_numpy(zero_copy_only=False)).sum())

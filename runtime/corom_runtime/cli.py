@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 
 from .engines import DEVICES, VARIANTS, device_names, variant_names
 from .errors import CoromError
-from .corpus_io import INPUT_FORMATS, OUTPUT_FORMATS
+from .corpus_io import INPUT_FORMATS, OUTPUT_FORMATS, describe, input_format, read_rows, row_problem
 from .presets import artifact_dir, cache_root, find_preset, list_presets, load_preset
 
 DEFAULT_MODEL = "all-minilm-l6-v2"
@@ -49,14 +49,24 @@ def _load(args: argparse.Namespace, variant: str | None = None):
 
 
 def _read_texts(args: argparse.Namespace) -> Iterator[str]:
-    """Positional texts, else lines of --file / stdin, lazily (a large file is never read whole)."""
+    """Positional texts, else --file (text lines, or the text field of JSONL/Parquet rows), else stdin
+    lines; lazily (a large file is never read whole)."""
     if args.texts:
         yield from args.texts
     elif args.file == "-" or (not args.file and not sys.stdin.isatty()):
         yield from (line.rstrip("\n") for line in sys.stdin)
     elif args.file:
-        with open(args.file, encoding="utf-8") as handle:
-            yield from (line.rstrip("\n") for line in handle)
+        fmt = input_format(Path(args.file), args.input_format)
+        if fmt == "text":
+            with open(args.file, encoding="utf-8") as handle:
+                yield from (line.rstrip("\n") for line in handle)
+            return
+        for row in read_rows(Path(args.file), fmt, args.text_field, args.id_field):
+            problem = row_problem(row)
+            if problem and not args.skip_bad:
+                raise CoromError(f"{args.file}: {describe(row, problem)}; fix it or give --skip-bad")
+            if not problem:
+                yield row.text
 
 
 def _corpus_job(args: argparse.Namespace) -> bool:
