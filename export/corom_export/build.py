@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -70,7 +71,7 @@ def settings_for(model: str, options: ExportOptions) -> tuple[Preset, str | None
 
 def _step(n: int, total: int, text: str) -> float:
     log.info("[%d/%d] %s", n, total, text)
-    print(f"[{n}/{total}] {text}", flush=True)
+    print(f"[{n}/{total}] {text}", file=sys.stderr, flush=True)
     return time.perf_counter()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -135,7 +136,7 @@ def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, va
     tokenizer = TextTokenizer.from_file(artifact.tokenizer_path, artifact.max_length)
     corpus = build_corpus(n_queries=n_queries, n_passages=n_passages)
     items = tokenizer.encode(corpus.queries + corpus.passages)
-    print(f"verifying {len(names)} variant(s) on {len(items)} texts ({n_queries} queries, {n_passages} passages)", flush=True)
+    print(f"verifying {len(names)} variant(s) on {len(items)} texts ({n_queries} queries, {n_passages} passages)", file=sys.stderr, flush=True)
     reference = reference_embed(encoder, items, artifact.dim, artifact.pad_id)
 
     report = VerifyReport(artifact=artifact.path)
@@ -153,7 +154,7 @@ def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, va
         gate = VARIANTS[name].gate if name in VARIANTS else Gate(min_cosine=1.0)
         if not engine_installed(entry.engine):
             report.results.append(VariantResult(name, None, gate, "-", [], skipped=f"{entry.engine} is not installed"))
-            print(f"  {name}: skipped ({entry.engine} is not installed)", flush=True)
+            print(f"  {name}: skipped ({entry.engine} is not installed)", file=sys.stderr, flush=True)
             continue
         if "cpu" not in entry.devices:
             report.results.append(VariantResult(name, None, gate, "-", [], skipped="not a CPU variant"))
@@ -173,7 +174,7 @@ def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, va
         report.results.append(result)
         print(f"  {name}: min cos {parity.min_cosine:.6f}, top-10 {parity.top10_agreement:.4f}, batch invariance "
               f"{parity.batch_invariance:.7f}, {result.speed['texts_per_s']:.0f} texts/s "
-              f"-> {'pass' if result.passed else 'FAIL'}", flush=True)
+              f"-> {'pass' if result.passed else 'FAIL'}", file=sys.stderr, flush=True)
 
     if write:
         for r in report.results:
