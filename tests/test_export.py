@@ -48,7 +48,11 @@ def test_manifest_describes_the_graph(bundled_artifact):
 
     m = manifest(bundled_artifact)
     assert (m["pooling"], m["normalize"], m["score"], m["embedding_dim"]) == ("mean", True, "cosine", 384)
-    assert m["architecture"]["num_hidden_layers"] == 6
+    # sizes under family-neutral names (families name them differently in their configs)
+    assert {k: m["architecture"][k] for k in ("layers", "heads", "hidden", "intermediate")} == \
+        {"layers": 6, "heads": 12, "hidden": 384, "intermediate": 1536}
+    assert (m["family"], m["pad_id"], m["tokenizer"]["kind"]) == ("bert", 0, "WordPiece")
+    assert m["inputs"] == ["input_ids", "attention_mask"]
     assert m["export"]["fusions"]["Attention"] == 6
     model = onnx.load(str(bundled_artifact / m["variants"]["fp32"]["file"]), load_external_data=False)
     (out,) = model.graph.output
