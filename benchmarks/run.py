@@ -101,7 +101,7 @@ def targets(result: dict) -> dict:
         add(f"default min cosine, {w}", q.get("min_cosine"), ">=", 0.995)
         ref_stsb = ref.get("stsb_spearman")
         if default.get("stsb_spearman") and ref_stsb:
-            add(f"default STSb relative gap", abs(default["stsb_spearman"] / ref_stsb - 1), "<=", 0.005)
+            add("default STSb relative gap", abs(default["stsb_spearman"] / ref_stsb - 1), "<=", 0.005)
         lossless, ov = s.get(LOSSLESS_SYSTEM, {}).get("workloads", {}).get(w), s.get("openvino-bf16", {}).get("workloads", {}).get(w)
         if lossless and ov:
             add(f"lossless / openvino-bf16, {w}", lossless["sorted_sent_per_s"] / ov["sorted_sent_per_s"], ">=", 1.2)
