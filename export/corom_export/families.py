@@ -59,10 +59,6 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 )}
 
 
-def supported_model_types() -> list[str]:
-    return sorted(t for f in FAMILIES.values() for t in f.model_types)
-
-
 def family_for(config: dict, where: str = "config.json") -> Family:
     """The family of a checkpoint config, or an error naming the supported ones."""
     model_type = config.get("model_type")

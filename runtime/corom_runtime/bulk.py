@@ -25,8 +25,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .corpus_io import (OUTPUT_FORMATS, Row, ShardData, describe, file_fingerprint, id_hash, import_pyarrow,
-                        input_format, read_rows, row_problem, shard_path, shard_rows, write_shard)
+from .corpus_io import (OUTPUT_FORMATS, Row, ShardData, describe, file_fingerprint, id_hash, input_format,
+                        read_rows, row_problem, shard_path, shard_rows, shard_totals, write_shard)
 from .errors import CoromError
 
 log = logging.getLogger(__name__)
@@ -240,8 +240,9 @@ def embed_corpus(options: BulkOptions, load_embedder: Callable[[str | None], "ob
             embedded += len(rows)
     finally:
         bar.close()
-    if reused:  # the totals describe the whole output, so count the kept shards' tokens too
-        tokens_kept, truncated_kept = _kept_counts(options, done)
+    for index in done:  # the totals describe the whole output, so count the kept shards' tokens too
+        _, tokens_kept, truncated_kept = shard_totals(shard_path(options.output, index, options.output_format),
+                                                      options.output_format)
         tokens += tokens_kept
         truncated += truncated_kept
     seconds = time.perf_counter() - started
@@ -282,22 +283,6 @@ def _embed_shard(embedder, rows: list[Row], batch_size: int, bar, prompt_name: s
         truncated[window.start:end] = window.truncated
         bar.update(len(window))
     return ShardData(ids=[row.id for row in rows], vectors=vectors, tokens=tokens, truncated=truncated)
-
-
-def _kept_counts(options: BulkOptions, done: set[int]) -> tuple[int, int]:
-    tokens = truncated = 0
-    for index in done:
-        path = shard_path(options.output, index, options.output_format)
-        if options.output_format == "parquet":
-            table = import_pyarrow().parquet.read_table(path, columns=["tokens", "truncated"])
-            tokens += int(table.column("tokens").to_numpy().sum())
-            truncated += int(np.asarray(table.column("truncated").to_numpy(zero_copy_only=False)).sum())
-        else:
-            for line in path.with_suffix(".jsonl").read_text(encoding="utf-8").splitlines():
-                meta = json.loads(line)
-                tokens += meta["tokens"]
-                truncated += bool(meta["truncated"])
-    return tokens, truncated
 
 
 class _NoBar:

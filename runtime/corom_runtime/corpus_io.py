@@ -212,6 +212,16 @@ def shard_rows(folder: Path, index: int, fmt: str) -> int | None:
         return None
 
 
+def shard_totals(path: Path, fmt: str) -> tuple[int, int, int]:
+    """(rows, tokens, truncated) of one finished shard, read from its small columns only."""
+    if fmt == "parquet":
+        table = import_pyarrow().parquet.read_table(path, columns=["tokens", "truncated"])
+        truncated = table.column("truncated").to_numpy(zero_copy_only=False)
+        return table.num_rows, int(table.column("tokens").to_numpy().sum()), int(truncated.sum())
+    metas = [json.loads(line) for line in path.with_suffix(".jsonl").read_text(encoding="utf-8").splitlines()]
+    return len(metas), sum(m["tokens"] for m in metas), sum(bool(m["truncated"]) for m in metas)
+
+
 def read_output(folder: Path) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
     """Every row of a finished output folder (either format): ids, vectors, tokens, truncated, in shard order."""
     ids: list = []
@@ -230,11 +240,10 @@ def read_output(folder: Path) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]
     else:
         for path in sorted(folder.glob("part-*.npy")):
             vectors.append(np.load(path))
-            for line in path.with_suffix(".jsonl").read_text(encoding="utf-8").splitlines():
-                meta = json.loads(line)
-                ids.append(meta["id"])
-                tokens.append(np.array([meta["tokens"]], dtype=np.int32))
-                truncated.append(np.array([meta["truncated"]]))
+            metas = [json.loads(line) for line in path.with_suffix(".jsonl").read_text(encoding="utf-8").splitlines()]
+            ids.extend(m["id"] for m in metas)
+            tokens.append(np.array([m["tokens"] for m in metas], dtype=np.int32))
+            truncated.append(np.array([m["truncated"] for m in metas], dtype=bool))
     if not vectors:
         return [], np.zeros((0, 0), np.float32), np.zeros(0, np.int32), np.zeros(0, bool)
     return ids, np.concatenate(vectors), np.concatenate(tokens), np.concatenate(truncated)

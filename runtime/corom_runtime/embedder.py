@@ -151,7 +151,7 @@ class Embedder:
         absent device raises `ProviderUnavailableError` unless `allow_fallback` lets it run on the CPU.
         `embedder.info` shows every choice.
         """
-        artifact = _artifact_or_export(path_or_preset, export_missing)
+        artifact = artifact_or_export(path_or_preset, export_missing)
         settings = settings or SessionSettings()
         if threads is not None:
             if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -290,13 +290,9 @@ class Embedder:
                  max_batch_tokens: int | None, prefix: str = "") -> Iterator[EncodedWindow]:
         start = 0
         while True:
-            chunk = list(itertools.islice(iterator, window))
+            chunk = check_texts(list(itertools.islice(iterator, window)), start)
             if not chunk:
                 return
-            for offset, text in enumerate(chunk):
-                if not isinstance(text, str):
-                    raise TypeError(f"texts[{start + offset}] is {type(text).__name__}, not str: "
-                                    "every item must be a string")
             items = self.tokenizer.encode([prefix + t for t in chunk] if prefix else chunk)
             vectors = self.embed_tokenized(items, batch_size, max_batch_tokens)
             if normalize_embeddings:
@@ -338,7 +334,9 @@ class Embedder:
         return {"text_embedding": emb, "scores": scores}
 
 
-def _artifact_or_export(path_or_preset: str | Path, export_missing: bool) -> Artifact:
+def artifact_or_export(path_or_preset: str | Path, export_missing: bool) -> Artifact:
+    """The artifact of a folder or preset; a preset not exported yet is exported into the cache first
+    when `export_missing` and the exporter is installed."""
     try:
         return load_artifact(path_or_preset)
     except MissingArtifactError as missing:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .bulk import SUMMARY_FILE, BulkOptions, BulkSummary, checked_input, job_record, prepare_output
-from .corpus_io import ShardData, arrow_table, import_pyarrow, read_rows, row_problem, text_problem
+from .corpus_io import ShardData, arrow_table, import_pyarrow, read_rows, row_problem, shard_totals, text_problem
 from .errors import CoromError
 
 log = logging.getLogger(__name__)
@@ -90,10 +90,15 @@ class EmbedActor:
 def resolve_variant(artifact: str, variant: str) -> tuple[str, str]:
     """(artifact path, concrete variant) as chosen on this machine: every replica then runs the same
     variant, even on a cluster whose nodes would each pick differently for "auto"."""
-    from .embedder import Embedder
+    from .embedder import artifact_or_export, this_machine
+    from .selection import choose_variant
 
-    embedder = Embedder.load(artifact, variant=variant, device="cpu", threads=1, warmup=False)
-    return str(embedder.artifact.path), embedder.variant
+    # the choice and the file checks of `Embedder.load`, without compiling a session the driver never runs
+    chosen = artifact_or_export(artifact, export_missing=True)
+    name = choose_variant(chosen.variants, variant, "cpu", this_machine(1, "cpu"), chosen.path)
+    chosen.check_variant(name)
+    chosen.check_tokenizer()
+    return str(chosen.path), name
 
 
 def embed_dataset(ds, artifact: str, *, variant: str = "auto", text_column: str = "text", id_column: str = "id",
@@ -191,7 +196,8 @@ def run_ray(options: BulkOptions, ray_options: RayOptions, artifact: str, varian
     finally:
         if started_here:
             ray.shutdown()
-    rows, tokens, truncated = _output_counts(options.output)
+    totals = [shard_totals(file, "parquet") for file in options.output.glob("*.parquet")]
+    rows, tokens, truncated = (sum(t[i] for t in totals) for i in range(3))
     seconds = time.perf_counter() - started
     summary = BulkSummary(output=str(options.output), rows=rows, reused=0, skipped_bad=found.bad, tokens=tokens,
                           truncated=truncated, shards=len(list(options.output.glob("*.parquet"))),
@@ -201,14 +207,3 @@ def run_ray(options: BulkOptions, ray_options: RayOptions, artifact: str, varian
         raise CoromError(f"the Ray job wrote {rows} rows for {found.rows} input rows; {options.output} is incomplete")
     (options.output / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2), encoding="utf-8")
     return summary
-
-
-def _output_counts(folder: Path) -> tuple[int, int, int]:
-    pq = import_pyarrow().parquet
-    rows = tokens = truncated = 0
-    for path in folder.glob("*.parquet"):
-        table = pq.read_table(path, columns=["tokens", "truncated"])
-        rows += table.num_rows
-        tokens += int(table.column("tokens").to_numpy().sum())
-        truncated += int(sum(table.column("truncated").to_pylist()))
-    return rows, tokens, truncated

@@ -30,8 +30,9 @@ class TokenizedText:
         return len(self.ids)
 
 
-def check_texts(texts: Sequence[object]) -> list[str]:
-    """Return `texts` as a list of str, or raise `TypeError` naming the first non-string item."""
+def check_texts(texts: Sequence[object], start: int = 0) -> list[str]:
+    """Return `texts` as a list of str, or raise `TypeError` naming the first non-string item
+    (its index counted from `start`, for a window of a longer stream)."""
     if isinstance(texts, (str, bytes)):
         raise TypeError("texts must be a list of strings, not a single string: wrap it as [text]")
     if texts is None or isinstance(texts, (dict, set, frozenset)) or not hasattr(texts, "__iter__"):
@@ -40,7 +41,7 @@ def check_texts(texts: Sequence[object]) -> list[str]:
     out = list(texts)
     for index, text in enumerate(out):
         if not isinstance(text, str):
-            raise TypeError(f"texts[{index}] is {type(text).__name__}, not str: every item must be a string")
+            raise TypeError(f"texts[{start + index}] is {type(text).__name__}, not str: every item must be a string")
     return out
 
 
