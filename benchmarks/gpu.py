@@ -71,7 +71,7 @@ def main(out: Path) -> int:
     import torch
 
     from corom_export.build import ExportOptions, export_artifact
-    from corom_export.corpus import build_corpus
+    from corom_export.corpus import parity_corpus
     from corom_export.parity import compare
     from corom_export.reference import build_reference
     from corom_export.sources import inspect_folder
@@ -87,7 +87,7 @@ def main(out: Path) -> int:
                     "gpu": torch.cuda.get_device_name(0), "onnxruntime": ort.__version__, "torch": torch.__version__,
                     "providers": providers,
                     "tensorrt": "TensorrtExecutionProvider" in providers or "not available: no TensorRT libraries"}
-    corpus = build_corpus(n_queries=100, n_passages=1000, seed=7)
+    corpus = parity_corpus(n_queries=100, n_passages=1000)
     texts = corpus.queries + corpus.passages
     reference = build_reference(inspect_folder(folder), "mean", True).cuda().eval()
     embedders = {v: Embedder.load(artifact, variant=v, device="cuda") for v in ("opt", "fp16")}

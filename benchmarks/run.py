@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from corom_export.corpus import build_corpus
+from corom_export.corpus import workload_corpus
 from corom_export.parity import compare
 from corom_export.stsb import find_stsb, load_pairs, stsb_spearman
 from corom_runtime.presets import build_dir
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> dict:
     artifact = ensure_artifact(Path(args.artifact))
     threads = args.threads
     tokenizer = TextTokenizer.from_file(artifact / "tokenizer.json", 128)
-    corpora = {w: build_corpus(n_queries=args.queries, n_passages=args.passages, seed=7, workload=w)
+    corpora = {w: workload_corpus(w, n_queries=args.queries, n_passages=args.passages)
                for w in args.workloads}
     config: dict = {"passages": args.passages, "queries": args.queries, "batch_size": args.batch_size,
                     "rounds": args.rounds, "quick": args.quick, "workloads": list(args.workloads)}
@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> dict:
         return np.concatenate([encoders[name](corpora[w].queries, args.batch_size), passages])
 
     reference = {w: embeddings("pytorch-fp32", w) for w in corpora} if "pytorch-fp32" in encoders else None
-    long_queries = build_corpus(n_queries=args.queries, n_passages=args.passages, seed=7, workload="long").queries
+    long_queries = workload_corpus("long", n_queries=args.queries, n_passages=args.passages).queries
     for name, encode in encoders.items():
         entry = result["systems"][name]
         entry["raw"] = raw[name]

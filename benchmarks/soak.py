@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from corom_export.corpus import build_corpus
+from corom_export.corpus import workload_corpus
 from corom_runtime.presets import build_dir
 
 from .run import RESULTS, ROOT
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=18931, help="loopback port (default 18931)")
     p.add_argument("--out", default=str(RESULTS), help="results folder")
     args = p.parse_args(argv)
-    texts = build_corpus(n_queries=200, n_passages=2000, seed=11, workload="long")
+    texts = workload_corpus("long", n_queries=200, n_passages=2000)
     pool = texts.queries + texts.passages
     proc = subprocess.Popen([sys.executable, "-m", "corom_runtime.cli", "serve", "--model", args.artifact,
                              "--variant", args.variant, "--port", str(args.port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

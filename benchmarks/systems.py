@@ -154,11 +154,10 @@ def _peer_calibration(folder: Path, n: int = 300) -> list[dict[str, np.ndarray]]
     """Calibration batches for the peers' static int8, from the calibration split (never evaluated)."""
     from transformers import AutoTokenizer
 
-    from corom_export.corpus import build_corpus
+    from corom_export.corpus import calibration_texts
 
     tok = AutoTokenizer.from_pretrained(str(folder))
-    c = build_corpus(n_queries=n // 10, n_passages=n, seed=1234, split="calibration", workload="long")
-    texts = c.queries + c.passages
+    texts = calibration_texts(n)
     out = []
     for i in range(0, len(texts), 8):
         enc = tok(texts[i:i + 8], padding=True, truncation=True, max_length=128, return_tensors="np")

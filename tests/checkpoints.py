@@ -46,15 +46,14 @@ def unigram_tokenizer(max_length: int = 128):
     """An XLM-R-style SentencePiece (Unigram) tokenizer trained here: <s>=0, <pad>=1, </s>=2, <unk>=3."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    from corom_export.corpus import build_corpus
+    from corom_export.corpus import calibration_texts
 
-    corpus = build_corpus(n_queries=0, n_passages=400, seed=99, split="calibration")
     tokenizer = Tokenizer(models.Unigram())
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.decoder = decoders.Metaspace()
     trainer = trainers.UnigramTrainer(vocab_size=800, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
                                       unk_token="<unk>")
-    tokenizer.train_from_iterator(corpus.passages, trainer)
+    tokenizer.train_from_iterator(calibration_texts(400), trainer)
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
     return tokenizer
@@ -84,11 +83,11 @@ def write_roberta_checkpoint(folder: Path, seed: int = 0) -> Path:
     from transformers import RobertaConfig, RobertaModel
     from safetensors.torch import save_file
 
-    from corom_export.corpus import build_corpus
+    from corom_export.corpus import calibration_texts
 
     folder.mkdir(parents=True, exist_ok=True)
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(build_corpus(n_queries=0, n_passages=400, seed=98, split="calibration").passages,
+    bpe.train_from_iterator(calibration_texts(400),
                             vocab_size=800, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
     tokenizer = bpe._tokenizer
     tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))

@@ -14,7 +14,7 @@ import onnx
 from onnxruntime.transformers.onnx_model import OnnxModel
 
 from corom_runtime.artifact import sha256_file
-from corom_runtime.engines import VARIANTS
+from corom_runtime.engines import INT8_RECIPES, VARIANTS
 from corom_runtime.errors import CoromError, PresetError
 from corom_runtime.presets import Preset, find_preset, list_presets, load_preset
 
@@ -35,7 +35,7 @@ class ExportOptions:
     normalize: bool | None = None
     score: str | None = None
     max_length: int | None = None
-    int8_recipe: str = "attention"
+    int8_recipe: str = INT8_RECIPES[0]
     int8_static: bool = False
     openvino: bool = True  # the OpenVINO variants, when openvino and nncf are installed
     force: bool = False
@@ -134,7 +134,7 @@ def export_artifact(model: str, out: Path, options: ExportOptions = ExportOption
                                           sizes["hidden"], sizes["intermediate"])
         else:
             kept = int8.write_int8_dynamic(work / FILES["opt"], work / FILES["int8"], options.int8_recipe, calibration)
-        if options.int8_recipe != "full" and not kept:
+        if options.int8_recipe not in ("full", "nbits8") and not kept:
             raise CoromError(f"the int8 recipe {options.int8_recipe!r} keeps the FFN MatMuls in float, but none was "
                              f"found in this {family.name} graph: refusing to quantize everything silently; "
                              "use --int8-recipe full to do that on purpose")
@@ -144,10 +144,11 @@ def export_artifact(model: str, out: Path, options: ExportOptions = ExportOption
         if with_openvino:
             from . import openvino_int8
 
-            _step(6, total, "OpenVINO: static int8 with NNCF, calibrated on real text (and bf16 on the plain graph)")
+            _step(6, total, "OpenVINO: static int8 with NNCF, calibrated on the calibration corpus (and bf16 on the plain graph)")
             manifest.export["openvino_int8"] = openvino_int8.write_ov_int8(
                 work / FILES["fp32"], work / FILES["ov-int8"],
-                openvino_int8.calibration_inputs(work / "tokenizer.json", preset.max_length, pad_id=pad_id))
+                openvino_int8.calibration_inputs(work / "tokenizer.json", preset.max_length, pad_id=pad_id),
+                sizes["hidden"], sizes["intermediate"])
             add_variant(manifest, work, "ov-int8")
             add_variant(manifest, work, "ov-bf16")
 
@@ -172,18 +173,17 @@ def _openvino_exporter_installed() -> bool:
     return not missing
 
 
-def _calibration_batches(tokenizer_file: Path, max_length: int, pad_id: int, n: int = 256, batch: int = 16):
-    """Batches of real text (docstring passages, a seed apart from the parity set), padded to max_length:
-    the histogram calibrators need every batch to have one shape."""
+def _calibration_batches(tokenizer_file: Path, max_length: int, pad_id: int, n: int = 272, batch: int = 16):
+    """Batches of the calibration corpus (never evaluated), padded to max_length: the histogram
+    calibrators need every batch to have one shape."""
     import numpy as np
 
     from corom_runtime.batching import pad_batch, plan_batches
     from corom_runtime.tokenization import TextTokenizer
 
-    from .corpus import build_corpus
+    from .corpus import calibration_texts
 
-    corpus = build_corpus(n_queries=16, n_passages=n, seed=1234)
-    items = TextTokenizer.from_file(tokenizer_file, max_length).encode(corpus.queries + corpus.passages)
+    items = TextTokenizer.from_file(tokenizer_file, max_length).encode(calibration_texts(n))
     for idx in plan_batches([i.length for i in items], batch):
         if len(idx) < batch:
             continue

@@ -1,16 +1,21 @@
 """OpenVINO static int8 (NNCF post-training quantization), for CPUs with VNNI / AMX.
 
 Static scales make the int8 graph batch-invariant: an activation's scale no longer depends on the
-rest of the batch (ONNX Runtime's dynamic int8 takes one scale per tensor, for the whole batch).
-Calibrated on real text from the calibration split, disjoint from the parity and benchmark text.
+rest of the batch. Calibrated on the calibration corpus, disjoint from the parity and benchmark text.
 
-The FFN output projections read GELU outputs whose outlier channels a per-tensor int8 scale cannot
-hold; they are found by graph structure (a MatMul fed by the GELU's product) and left to run in bf16.
-Measured recipes: see the README's Pareto table and `corom verify`'s figures in the manifest.
+The recipe (measured on all-MiniLM-L6-v2 against PyTorch on the parity corpus; README has the table):
+int8 covers the attention's Q, K, V and output projections, SmoothQuant-rescaled (alpha 0.5). Left in
+the engine's float precision:
+- the FFN MatMuls: they read LayerNorm and GELU outputs whose few outlier channels a per-tensor int8
+  scale cannot hold (quantizing the FFN input too: top-10 0.958 instead of 0.975);
+- the attention's activation-by-activation products (Q.K^T, P.V): quantized, 32 texts of 29-32 tokens
+  fell to cos 0.61 when the graph ran in bf16 on an Intel Xeon with AMX.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import time
 from pathlib import Path
@@ -18,80 +23,77 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .int8 import ffn_matmuls_by_weight
+
 log = logging.getLogger(__name__)
 
-CALIBRATION_TEXTS = 300
-CALIBRATION_BATCH = 8
+SMOOTH_QUANT_ALPHA = 0.5  # measured: 0.5 top-10 0.975; NNCF's default 0.95: 0.9705 and min cos 0.9899
 
 
-def ffn_output_matmuls(model: onnx.ModelProto) -> list[str]:
-    """Names of the MatMuls fed by an exact (Erf) GELU in a plain BERT export.
-
-    GELU is exported as x * 0.5 * (1 + erf(x / sqrt 2)): the FFN output MatMul's input is a Mul with
-    an Erf two or three producers upstream. Found by structure, not by node names, so it holds for
-    any checkpoint naming.
-    """
-    producer = {out: node for node in model.graph.node for out in node.output}
-
-    def has_erf_upstream(name: str, depth: int) -> bool:
-        node = producer.get(name)
-        if node is None or depth < 0:
-            return False
-        return node.op_type == "Erf" or any(has_erf_upstream(i, depth - 1) for i in node.input)
-
-    out = []
-    for node in model.graph.node:
-        if node.op_type != "MatMul":
-            continue
-        src = producer.get(node.input[0])
-        if src is not None and src.op_type == "Mul" and has_erf_upstream(node.input[0], 3):
-            out.append(node.name)
-    return out
+def activation_matmuls(model: onnx.ModelProto) -> list[str]:
+    """MatMuls with no constant operand: the attention's Q.K^T and P.V."""
+    constants = {i.name for i in model.graph.initializer}
+    constants |= {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(i in constants for i in n.input)]
 
 
-def calibration_inputs(tokenizer_file: Path, max_length: int, n: int = CALIBRATION_TEXTS,
-                       batch: int = CALIBRATION_BATCH, pad_id: int = 0) -> list[dict[str, np.ndarray]]:
-    """Length-sorted batches of calibration-split text: long and mixed passages, queries and one-to-four
-    word snippets, padded per batch as the runtime pads them.
+def not_quantized(model: onnx.ModelProto, hidden: int, intermediate: int) -> list[str]:
+    """What the recipe leaves in float; refuses a graph whose FFN MatMuls it cannot find (by weight
+    shape), rather than quantizing everything silently."""
+    ffn_in, ffn_out = ffn_matmuls_by_weight(model, hidden, intermediate)
+    if not ffn_in or not ffn_out:
+        raise ValueError(f"no FFN MatMul with a [{hidden}, {intermediate}] / [{intermediate}, {hidden}] weight in "
+                         "this graph: the OpenVINO int8 recipe keeps them in float and will not quantize them blindly")
+    return ffn_in + ffn_out + activation_matmuls(model)
 
-    Measured (all-MiniLM-L6-v2, no-FFN-out recipe): without the snippets a 3-token text fell to cos
-    0.975; with them the mixed-length parity corpus keeps min cos 0.986 and top-10 0.958."""
-    from corom_runtime.batching import pad_batch, plan_batches
+
+def calibration_inputs(tokenizer_file: Path, max_length: int, n: int | None = None,
+                       pad_id: int = 0) -> list[dict[str, np.ndarray]]:
+    """The calibration corpus (every kind of text, none of it evaluated), one unpadded text per sample:
+    padding positions carry activations no real token has, and would widen the ranges."""
+    from corom_runtime.batching import pad_batch
     from corom_runtime.tokenization import TextTokenizer
 
-    from .corpus import build_corpus, snippets
+    from .corpus import calibration_texts
 
-    long = build_corpus(n_queries=n // 10, n_passages=n // 2, seed=1234, split="calibration", workload="long")
-    mixed = build_corpus(n_queries=0, n_passages=n // 2, seed=4321, split="calibration", workload="mixed")
-    texts = long.queries + long.passages + mixed.passages + snippets(n // 2)
-    items = TextTokenizer.from_file(tokenizer_file, max_length).encode(texts)
+    items = TextTokenizer.from_file(tokenizer_file, max_length).encode(calibration_texts(n))
     out = []
-    for idx in plan_batches([i.length for i in items], batch):
-        ids, mask = pad_batch([items[i] for i in idx], pad_id)
+    for item in items:
+        ids, mask = pad_batch([item], pad_id)
         out.append({"input_ids": ids, "attention_mask": mask})
     return out
 
 
-def write_ov_int8(plain: Path, out_xml: Path, calibration: list[dict[str, np.ndarray]],
-                  keep_ffn_out: bool = True) -> dict:
-    """Quantize the plain fp32 graph with NNCF (transformer preset) and save OpenVINO IR (.xml + .bin).
+def write_ov_int8(plain: Path, out_xml: Path, calibration: list[dict[str, np.ndarray]], hidden: int,
+                  intermediate: int) -> dict:
+    """Quantize the plain fp32 graph with NNCF and save OpenVINO IR (.xml + .bin).
 
     Returns the recipe record for the manifest.
     """
     import nncf
     import openvino as ov
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
-    ignored = ffn_output_matmuls(onnx.load(str(plain), load_external_data=False)) if keep_ffn_out else []
+    verbose = logging.getLogger().isEnabledFor(logging.INFO)
+    if not verbose:  # NNCF's per-node chatter and progress bars only under -v: export prints one line a step
+        nncf.set_log_level(logging.WARNING)
+    ignored = not_quantized(onnx.load(str(plain), load_external_data=False), hidden, intermediate)
     start = time.perf_counter()
     model = ov.Core().read_model(str(plain))
-    quantized = nncf.quantize(
-        model, nncf.Dataset(calibration), model_type=nncf.ModelType.TRANSFORMER,
-        subset_size=len(calibration), ignored_scope=nncf.IgnoredScope(names=ignored) if ignored else None,
-    )
+    with contextlib.ExitStack() as quiet:
+        if not verbose:
+            quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
+            quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
+        quantized = nncf.quantize(
+            model, nncf.Dataset(calibration), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration),
+            ignored_scope=nncf.IgnoredScope(names=ignored),
+            advanced_parameters=AdvancedQuantizationParameters(
+                smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=SMOOTH_QUANT_ALPHA)),
+        )
     # keep the fp32 weights of what stays unquantized: fp16 storage would round them twice
     ov.save_model(quantized, str(out_xml), compress_to_fp16=False)
     seconds = time.perf_counter() - start
     log.info("NNCF quantized %s in %.1fs, %d MatMuls left unquantized", plain.name, seconds, len(ignored))
-    return {"tool": "nncf.quantize", "model_type": "transformer", "calibration_batches": len(calibration),
-            "calibration_texts": sum(len(b["input_ids"]) for b in calibration), "calibration_split": "calibration",
+    return {"tool": "nncf.quantize", "model_type": "transformer", "smooth_quant_alpha": SMOOTH_QUANT_ALPHA,
+            "calibration_texts": len(calibration), "calibration": "corpora/calibration.json, one text a sample",
             "not_quantized": ignored, "seconds": round(seconds, 1)}

@@ -10,6 +10,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from corom_runtime.parity import cosine_rows
+
 FILE = "stsb-en-dev.csv"
 
 
@@ -56,10 +58,6 @@ def _ranks(values: np.ndarray) -> np.ndarray:
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     ra, rb = _ranks(np.asarray(a, dtype=np.float64)), _ranks(np.asarray(b, dtype=np.float64))
     return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
 
 
 def stsb_spearman(embed: Callable[[list[str]], np.ndarray], pairs: StsPairs) -> float:

@@ -9,10 +9,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ArtifactError, MissingArtifactError
 from .manifest import MANIFEST, Manifest, VariantEntry
 from .presets import artifact_dir, build_dir, find_preset, list_presets
+
+if TYPE_CHECKING:
+    from .cpu_check import CheckSet
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -101,6 +105,18 @@ class Artifact:
 
     def check_tokenizer(self) -> Path:
         return self.check_file(self.manifest.tokenizer.file, self.manifest.tokenizer.sha256)
+
+    def check_set(self) -> "CheckSet | None":
+        """The load-time check set (`cpu_check`), checksum-verified; None for an artifact without one."""
+        from .cpu_check import CheckSet
+
+        if not self.manifest.check:
+            return None
+        path = self.check_file(self.manifest.check["file"], self.manifest.check["sha256"])
+        try:
+            return CheckSet.read(path)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ArtifactError(f"{path} is not a valid check set ({exc}); {self.rebuild_hint}") from exc
 
 
 def resolve_path(path_or_preset: str | Path) -> Path:

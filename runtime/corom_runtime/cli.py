@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .engines import DEVICES, VARIANTS, device_names, variant_names
+from .engines import DEVICES, INT8_RECIPES, VARIANTS, device_names, variant_names
 from .errors import CoromError
 from .corpus_io import INPUT_FORMATS, OUTPUT_FORMATS, describe, input_format, read_rows, row_problem
 from .presets import artifact_dir, cache_root, find_preset, list_presets, load_preset
@@ -264,10 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override L2 normalisation of the embedding")
     p.add_argument("--score", choices=["dot", "cosine"], help="override the score function")
     p.add_argument("--max-length", type=int, help="override the max sequence length (tokens)")
-    p.add_argument("--int8-recipe", default="attention", choices=["attention", "smooth", "no-ffn-out", "full"],
-                   help="which MatMuls int8 covers: attention (default; FFN stays fp32, best fidelity), "
-                        "smooth (FFN inputs SmoothQuant-rescaled and int8 too: faster, top-10 ~0.95), "
-                        "no-ffn-out (FFN output projections stay fp32), full (everything, what peers ship)")
+    p.add_argument("--int8-recipe", default=INT8_RECIPES[0], choices=INT8_RECIPES,
+                   help="the ONNX Runtime int8 variant: nbits8 (default: 8-bit weight blocks, int8 activations "
+                        "per token: batch-invariant, passes the int8 gate); dynamic per-batch scales: attention "
+                        "(FFN stays fp32), smooth (FFN inputs SmoothQuant-rescaled and int8 too), no-ffn-out "
+                        "(FFN output projections stay fp32), full (everything, what peers ship)")
     p.add_argument("--int8-static", action="store_true",
                    help="static QDQ int8 calibrated on real text, instead of dynamic quantization")
     p.add_argument("--no-openvino", action="store_true",

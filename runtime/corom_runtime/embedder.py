@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -13,11 +13,13 @@ import numpy as np
 
 from .artifact import Artifact, load_artifact
 from .batching import pad_batch, plan_batches
-from .engines import ENGINES, engine_installed
-from .errors import ArtifactError, MissingArtifactError
-from .presets import artifact_dir
+from .cpu_check import (CheckResult, CheckSet, Platform, cache_key, canned_failures, matching_record, read_cached,
+                        run_check, timed, write_cached)
+from .engines import ENGINES, engine_installed, gate_of
+from .errors import ArtifactError, MissingArtifactError, VariantRejectedError
+from .presets import artifact_dir, cache_lock, cache_root
 from .providers import SessionSettings, ort_devices
-from .selection import Machine, choose_device, choose_variant, cpu_model
+from .selection import Machine, choose_device, cpu_model, variant_order
 from .session import EncoderSession, open_session
 from .tokenization import TextTokenizer, TokenizedText, check_texts
 
@@ -47,6 +49,8 @@ class EmbedderInfo:
     normalize: bool
     score: str
     parity: dict = field(default_factory=dict)
+    # the verdict of the variant's gate on this CPU (`cpu_check`); {} where not checked
+    verified: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,6 +141,7 @@ class Embedder:
         settings: SessionSettings | None = None,
         warmup: bool = True,
         export_missing: bool = True,
+        verify_here: bool = True,
     ) -> "Embedder":
         """Load an artifact folder, or a preset by name from the user cache (`corom_runtime.presets`).
 
@@ -150,6 +155,12 @@ class Embedder:
         accelerator present, else "cpu"), "cpu", "cuda", "tensorrt", or OpenVINO's "gpu"/"npu"; an
         absent device raises `ProviderUnavailableError` unless `allow_fallback` lets it run on the CPU.
         `embedder.info` shows every choice.
+
+        verify_here: a variant is served only where its gate holds. On a CPU or engine version the
+        artifact was not verified on, its gate is checked once on the artifact's check set (seconds;
+        the verdict is cached); "auto" then falls back to the next variant that passes here, a named
+        variant raises `VariantRejectedError`. `corom verify` and the benchmarks, which measure
+        variants themselves, pass False.
         """
         artifact = artifact_or_export(path_or_preset, export_missing)
         settings = settings or SessionSettings()
@@ -160,17 +171,40 @@ class Embedder:
         machine = this_machine(settings.resolved_threads(), device)
         supported = artifact.variants[variant].devices if variant in artifact.variants else None
         chosen_device = choose_device(device, machine.devices, allow_fallback, tuple(supported) if supported else None)
-        name = choose_variant(artifact.variants, variant, chosen_device, machine, artifact.path)
-        spec = artifact.variants[name]
-        if not spec.passed:
-            log.warning("variant %s of %s did not pass its parity gate: %s", name, artifact.path, spec.parity)
-        model_path = artifact.check_variant(name)
+        order = variant_order(artifact.variants, variant, chosen_device, machine, artifact.path)
         tokenizer_path = artifact.check_tokenizer()
-        session = open_session(spec, model_path, chosen_device, settings, artifact.max_length)
         try:
             tokenizer = TextTokenizer.from_file(tokenizer_path, artifact.max_length)
         except Exception as exc:
             raise ArtifactError(f"{tokenizer_path} is not a valid tokenizer ({exc}); {artifact.rebuild_hint}") from exc
+        check_set = artifact.check_set() if verify_here and chosen_device == "cpu" else None
+        rejected: list[str] = []
+        for name in order:
+            embedder = cls._open(artifact, name, chosen_device, settings, tokenizer)
+            if check_set is None:
+                break
+            verdict = embedder._verify_here(check_set)
+            if verdict.passed:
+                break
+            why = (f"variant {name!r} of {artifact.path} fails its gate on this CPU ({verdict.platform['cpu']}, "
+                   f"{verdict.platform['engine']} {verdict.platform['engine_version']}): {'; '.join(verdict.failures)}")
+            if variant != "auto":
+                raise VariantRejectedError(f"{why}. It passed where the artifact was verified, not here: choose "
+                                           "another variant (or variant='auto', which falls back by itself)")
+            log.warning("%s; trying the next variant", why)
+            rejected.append(why)
+        else:
+            raise VariantRejectedError("no variant passes its gate on this CPU: " + " | ".join(rejected))
+        if warmup:  # a second, batched run: the engines allocate their buffers for more than one row
+            embedder.encode(["warm up", "a somewhat longer warm-up text of a few more tokens"])
+        log.info("loaded %s", embedder.info)
+        return embedder
+
+    @classmethod
+    def _open(cls, artifact: Artifact, name: str, device: str, settings: SessionSettings,
+              tokenizer: TextTokenizer) -> "Embedder":
+        model_path = artifact.check_variant(name)
+        session = open_session(artifact.variants[name], model_path, device, settings, artifact.max_length)
         # one tiny run always: it proves the graph's width is the manifest's (a wrong embedding_dim
         # would otherwise surface as a broadcasting error in the middle of someone's batch)
         probe = session.run(*pad_batch(tokenizer.encode(["warm up"]), artifact.pad_id))
@@ -178,11 +212,48 @@ class Embedder:
             raise ArtifactError(
                 f"{artifact.path / 'manifest.json'}: field 'embedding_dim' is {artifact.dim} but {model_path.name} "
                 f"outputs shape {list(probe.shape)}; {artifact.rebuild_hint}")
-        embedder = cls(artifact, name, session, tokenizer)
-        if warmup:  # a second, batched run: the engines allocate their buffers for more than one row
-            embedder.encode(["warm up", "a somewhat longer warm-up text of a few more tokens"])
-        log.info("loaded %s", embedder.info)
-        return embedder
+        return cls(artifact, name, session, tokenizer)
+
+    def _verify_here(self, check: CheckSet) -> CheckResult:
+        """This variant's gate on this platform: the canned texts always; then the manifest's record
+        for this platform, else a cached verdict, else the check set, once (cached)."""
+        name, gate = self.variant, gate_of(self.variant)
+        entry = self.artifact.variants[name]
+        platform = Platform.here(entry.engine)
+        embed = lambda texts: self.embed_tokenized(self.tokenizer.encode(texts))  # noqa: E731
+        canned = canned_failures(embed, check, gate)
+        if canned:
+            return self._record(CheckResult(name, platform.to_dict(), False, [f"canned texts: {f}" for f in canned],
+                                            source="canned"))
+        record = matching_record(entry.verified_on, platform)
+        if record is not None:
+            return self._record(CheckResult(name, platform.to_dict(), bool(record.get("passed")),
+                                            list(record.get("failures") or []), source="manifest"))
+        key = cache_key(entry.sha256, self.artifact.manifest.check["sha256"], name, platform)
+        folder = cache_root() / "checks"
+        with cache_lock(f"check-{key}"):
+            cached = read_cached(folder, key)
+            if cached is not None:
+                return self._record(CheckResult(**{**cached, "source": "cache"}))
+            log.warning("variant %s of %s was verified on %s, not on this CPU (%s, %s %s): checking its gate on "
+                        "%d texts, once", name, self.artifact.path,
+                        ", ".join(sorted({r.get("cpu", "?") for r in entry.verified_on})) or "no recorded CPU",
+                        platform.cpu, platform.engine, platform.engine_version, len(check.texts))
+
+            def run_alone(texts: list[str]) -> np.ndarray:
+                return self.session.run(*pad_batch(self.tokenizer.encode(texts), self.artifact.pad_id))
+
+            (parity, failures), seconds = timed(lambda: run_check(embed, run_alone, check, gate, self.artifact.score))
+            result = CheckResult(name, platform.to_dict(), not failures, failures, parity.to_dict(), round(seconds, 2))
+            log.warning("variant %s on this CPU: min cos %.6f, top-10 %.4f, batch invariance %.7f -> %s (%.1fs)",
+                        name, parity.min_cosine, parity.top10_agreement, parity.batch_invariance,
+                        "pass" if result.passed else "FAIL", seconds)
+            write_cached(folder, key, result)
+        return self._record(result)
+
+    def _record(self, result: CheckResult) -> CheckResult:
+        self.info = replace(self.info, verified=result.to_dict())
+        return result
 
     @property
     def dim(self) -> int:
@@ -347,9 +418,15 @@ def artifact_or_export(path_or_preset: str | Path, export_missing: bool) -> Arti
         from corom_export.verify import verify_artifact
 
         out = artifact_dir(missing.preset)
-        log.warning("exporting preset %s into %s (first use; this takes minutes)", missing.preset, out)
-        export_artifact(missing.preset, out, ExportOptions())
-        verify_artifact(out)
+        # two processes loading the same preset from an empty cache: one exports, the other waits and reads
+        with cache_lock(f"export-{missing.preset}"):
+            try:
+                return load_artifact(path_or_preset)
+            except MissingArtifactError:
+                pass
+            log.warning("exporting preset %s into %s (first use; this takes minutes)", missing.preset, out)
+            export_artifact(missing.preset, out, ExportOptions())
+            verify_artifact(out)
         return load_artifact(out)
 
 

@@ -24,6 +24,10 @@ class MissingArtifactError(ArtifactError):
         self.preset = preset
 
 
+class VariantRejectedError(ArtifactError):
+    """A variant that fails its parity gate on this CPU or engine version (it passed elsewhere)."""
+
+
 class ProviderUnavailableError(CoromError):
     """An execution provider was asked for but this onnxruntime build or machine lacks it."""
 

@@ -56,6 +56,8 @@ class VariantEntry:
     parity: dict = field(default_factory=dict)
     # texts/s measured by `corom verify`, with the CPU and threads it was measured on
     speed: dict = field(default_factory=dict)
+    # the platforms (CPU model and flags, engine version) its gate was measured on, with the verdict
+    verified_on: list[dict] = field(default_factory=list)
 
     @classmethod
     def for_variant(cls, name: str, sha256: str, weights_sha256: str | None = None, file: str | None = None) -> "VariantEntry":
@@ -97,6 +99,8 @@ class Manifest:
     tools: dict = field(default_factory=dict)
     export: dict = field(default_factory=dict)
     quality: dict = field(default_factory=dict)
+    # the load-time check set (`cpu_check`): {"file", "sha256", "texts", "queries"}; {} in older artifacts
+    check: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     # -- reading ---------------------------------------------------------------------------
@@ -152,7 +156,11 @@ class Manifest:
             tools=check.obj(data, "tools", required=False),
             export=check.obj(data, "export", required=False),
             quality=check.obj(data, "quality", required=False),
+            check=check.obj(data, "check", required=False),
         )
+        if manifest.check:
+            check.relative_file(manifest.check, "check.file")
+            check.sha256(manifest.check, "check.sha256")
         for name, raw in variants_raw.items():
             manifest.variants[name] = _variant(check, name, raw)
         if not manifest.variants:
@@ -201,6 +209,7 @@ def _variant(check: "_Checker", name: str, raw: Any) -> VariantEntry:
         passed=check.boolean(raw, f"{where}.passed", default=False),
         parity=check.obj(raw, f"{where}.parity", required=False),
         speed=check.obj(raw, f"{where}.speed", required=False),
+        verified_on=check.records(raw, f"{where}.verified_on"),
     )
 
 
@@ -262,6 +271,14 @@ class _Checker:
         if not isinstance(value, dict):
             self.fail(dotted, f"must be an object, not {_kind(value)}")
         return value
+
+    def records(self, data: dict, dotted: str) -> list[dict]:
+        value = self._get(data, dotted, required=False)
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            self.fail(dotted, "must be a list of objects")
+        return list(value)
 
     def prompts(self, data: dict, dotted: str) -> dict[str, str]:
         value = self.obj(data, dotted, required=False)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .engines import DEVICES, ENGINES, VARIANTS
+from .engines import DEVICES, ENGINES, VARIANTS, auto_order
 from .errors import ArtifactError, ProviderUnavailableError
 from .manifest import VariantEntry
 
@@ -51,22 +51,53 @@ def choose_device(device: str, present: tuple[str, ...], allow_fallback: bool = 
     raise ProviderUnavailableError(f"{message}: {hint}, or use device='cpu'")
 
 
-def measured_speed(entry: VariantEntry, machine: Machine) -> float | None:
-    """texts/s that `corom verify` measured for this variant on this CPU with these threads, if any."""
+# Speeds within this fraction of the fastest are a tie, decided by the engine table's order: a few
+# percent of measurement noise must not flip which recipe a user gets.
+SPEED_TIE = 0.05
+
+
+def measured_speed(entry: VariantEntry, machine: Machine, device: str = "cpu") -> float | None:
+    """texts/s that `corom verify` measured for this variant on this CPU with these threads, if any.
+    Speeds are measured on the CPU: they rank nothing on another device."""
     speed = entry.speed or {}
-    if speed.get("cpu") == machine.cpu and speed.get("threads") == machine.threads:
+    if device == "cpu" and speed.get("cpu") == machine.cpu and speed.get("threads") == machine.threads:
         value = speed.get("texts_per_s")
-        return float(value) if isinstance(value, (int, float)) else None
+        return float(value) if isinstance(value, (int, float)) and value > 0 else None
     return None
+
+
+def rank_by_speed(order: list[str], speeds: dict[str, float | None], tie: float = SPEED_TIE) -> list[str]:
+    """`order` (the table's preference) re-ranked by measured speed: the fastest first, where a speed
+    within `tie` of a faster one keeps the table's order; unmeasured variants follow in table order. Pure.
+
+    >>> rank_by_speed(["a", "b", "c"], {"a": 100.0, "b": 103.0, "c": 200.0})
+    ['c', 'a', 'b']
+    """
+    measured = [n for n in order if speeds.get(n)]
+    ranked: list[str] = []
+    while measured:
+        best = max(speeds[n] for n in measured)
+        pick = next(n for n in measured if speeds[n] >= best * (1 - tie))
+        ranked.append(pick)
+        measured.remove(pick)
+    return ranked + [n for n in order if not speeds.get(n)]
 
 
 def choose_variant(variants: dict[str, VariantEntry], requested: str, device: str, machine: Machine,
                    artifact: Path) -> str:
-    """The variant to run on `device`.
+    """The variant to run on `device`: the first of `variant_order`."""
+    return variant_order(variants, requested, device, machine, artifact)[0]
 
-    An explicit name must exist, suit the device and have its engine installed. "auto" takes, among
-    the variants that passed their gate, suit the device and whose engine is installed, the fastest
-    measured on this CPU and thread count; without a measurement, the engine table's order.
+
+def variant_order(variants: dict[str, VariantEntry], requested: str, device: str, machine: Machine,
+                  artifact: Path) -> list[str]:
+    """The variants to try on `device`, best first (`Embedder.load` falls back along it when one
+    fails its gate on this CPU).
+
+    An explicit name is the only one: it must exist, suit the device and have its engine installed.
+    "auto" takes the variants that passed their gate, suit the device and whose engine is installed,
+    in the engine table's order for the device (`engines.auto_order`), re-ranked by the speed measured
+    on this CPU and thread count (`rank_by_speed`).
     """
     if requested != "auto":
         entry = variants.get(requested)
@@ -79,8 +110,8 @@ def choose_variant(variants: dict[str, VariantEntry], requested: str, device: st
             raise ProviderUnavailableError(
                 f"variant {requested!r} runs on {entry.engine}, which is not installed: "
                 f"{ENGINES[entry.engine].install}")
-        return requested
-    order = [name for name in VARIANTS if name in variants] + [n for n in variants if n not in VARIANTS]
+        return [requested]
+    order = [v.name for v in auto_order(device) if v.name in variants] + [n for n in variants if n not in VARIANTS]
     candidates = [n for n in order if variants[n].passed and device in variants[n].devices
                   and variants[n].engine in machine.engines]
     if not candidates:
@@ -90,11 +121,7 @@ def choose_variant(variants: dict[str, VariantEntry], requested: str, device: st
                + " / ".join(ENGINES[e].install for e in needed if e in ENGINES)
                if skipped else "none passed its parity gate for it")
         raise ArtifactError(f"no variant of {artifact} can run on {device!r}: {why}")
-    timed = [(measured_speed(variants[n], machine), n) for n in candidates]
-    timed = [(s, n) for s, n in timed if s is not None]
-    if timed:
-        return max(timed)[1]
-    return candidates[0]
+    return rank_by_speed(candidates, {n: measured_speed(variants[n], machine, device) for n in candidates})
 
 
 @lru_cache(maxsize=1)

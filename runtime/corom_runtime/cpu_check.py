@@ -1,0 +1,196 @@
+"""Is a variant trustworthy on *this* CPU and engine version? The load-time check.
+
+A variant that passed its gate on one CPU can fail on another: OpenVINO's int8 graph that held min cos
+0.987 on an AMD Zen 4 fell to 0.61 on 32 texts on an Intel Xeon with AMX, in the bf16 execution of
+its unquantized ops. So "passed" holds for the platform it was measured on (CPU model, instruction
+set, engine and version), recorded per variant in the manifest (`verified_on`). The artifact carries
+a check set (`check.npz`: a few hundred evaluation texts, the hardest included, with the PyTorch
+reference's vectors in fp16). On a platform the artifact was not verified on, `Embedder.load` runs
+the variant's gate on that set once and caches the verdict in the user cache (keyed by the variant's
+file hash, the check set and the platform); a variant that fails is never served there.
+
+A few canned texts (the check set's first rows) are checked on every load: milliseconds.
+
+>>> p = Platform(cpu="Some CPU", isa=("avx2",), engine="onnxruntime", engine_version="1.32.0")
+>>> matching_record([{**p.to_dict(), "passed": True}], p)["passed"]
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .engines import ENGINES, Gate
+from .parity import Parity, batch_invariance, compare
+
+log = logging.getLogger(__name__)
+
+CHECK_FILE = "check.npz"
+CANNED = 4               # rows of the check set run on every load
+INVARIANCE_TEXTS = 24    # texts embedded alone and in mixed batches, for the batch-invariance figure
+# instruction-set flags that change which kernels an engine runs (and so its numerics)
+_ISA_PREFIXES = ("avx", "amx", "fma", "f16c", "sse4", "vnni", "neon", "asimd", "sve", "bf16", "i8mm", "fp16")
+
+
+@lru_cache(maxsize=1)
+def cpu_isa() -> tuple[str, ...]:
+    """This CPU's instruction-set flags that matter to kernels (sorted; empty where unknown)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line.split(":", 1)[1].split()
+                return tuple(sorted({f for f in flags if f.startswith(_ISA_PREFIXES)}))
+    except OSError:
+        pass
+    return ()
+
+
+def engine_version(engine: str) -> str:
+    """The version of an engine's module (imported by then: the session that runs it opened it)."""
+    module = importlib.import_module(ENGINES[engine].module)
+    return str(getattr(module, "__version__", "unknown"))
+
+
+@dataclass(frozen=True)
+class Platform:
+    """Where a variant's figures were measured: CPU model, its kernel-relevant flags, engine, version."""
+
+    cpu: str
+    isa: tuple[str, ...]
+    engine: str
+    engine_version: str
+
+    @classmethod
+    def here(cls, engine: str) -> "Platform":
+        from .selection import cpu_model
+
+        return cls(cpu=cpu_model(), isa=cpu_isa(), engine=engine, engine_version=engine_version(engine))
+
+    def key(self) -> str:
+        text = json.dumps([self.cpu, list(self.isa), self.engine, self.engine_version])
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "isa": list(self.isa)}
+
+
+def matching_record(records: Sequence[dict], platform: Platform) -> dict | None:
+    """The manifest's `verified_on` record for `platform`, if the artifact was verified there. Pure."""
+    for record in records:
+        if (record.get("cpu"), tuple(record.get("isa") or ()), record.get("engine"), record.get("engine_version")) \
+                == (platform.cpu, platform.isa, platform.engine, platform.engine_version):
+            return record
+    return None
+
+
+@dataclass(frozen=True)
+class CheckSet:
+    """Texts (queries first) and the PyTorch reference's vectors of them."""
+
+    texts: list[str]
+    n_queries: int
+    vectors: np.ndarray
+
+    @classmethod
+    def read(cls, path: Path) -> "CheckSet":
+        with np.load(path, allow_pickle=False) as data:
+            return cls(texts=[str(t) for t in data["texts"]], n_queries=int(data["n_queries"]),
+                       vectors=data["vectors"].astype(np.float32))
+
+    def write(self, path: Path) -> None:
+        with open(path, "wb") as handle:
+            np.savez(handle, texts=np.array(self.texts, dtype=str), n_queries=np.array(self.n_queries),
+                     vectors=self.vectors.astype(np.float16))
+
+
+def pick_check_texts(n_queries: int, cosines: np.ndarray, n_queries_kept: int = 48, n_passages_kept: int = 240,
+                     n_hardest: int = 96, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Which evaluation rows form the check set: the first `n_queries_kept` queries, the `n_hardest`
+    passages (lowest worst-case cosine over the variants measured), then a random spread. Pure.
+
+    `cosines`: per evaluation row, the lowest cosine any variant reached (queries first)."""
+    passages = np.arange(n_queries, len(cosines))
+    hardest = passages[np.argsort(cosines[n_queries:], kind="stable")[:n_hardest]]
+    rest = sorted(set(passages.tolist()) - set(hardest.tolist()))
+    spread = random.Random(seed).sample(rest, min(len(rest), n_passages_kept - len(hardest)))
+    return list(range(min(n_queries, n_queries_kept))), sorted(hardest.tolist() + spread)
+
+
+@dataclass
+class CheckResult:
+    """The verdict of a variant's gate on a platform."""
+
+    variant: str
+    platform: dict
+    passed: bool
+    failures: list[str]
+    parity: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    source: str = "checked"   # "manifest" (verified there at export), "cache" or "checked" (now)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_check(embed: Callable[[list[str]], np.ndarray], run_alone: Callable[[list[str]], np.ndarray],
+              check: CheckSet, gate: Gate, score: str) -> tuple[Parity, list[str]]:
+    """Embed the check set through the runtime's own path and judge it by `gate`."""
+    vectors = embed(check.texts)
+    parity = compare(check.vectors, vectors, check.n_queries, score)
+    picked = check.texts[check.n_queries:check.n_queries + INVARIANCE_TEXTS]
+    if picked:
+        alone = np.concatenate([run_alone([t]) for t in picked])
+        parity = Parity(**{**parity.to_dict(), "batch_invariance": batch_invariance(alone, run_alone(picked))})
+    return parity, parity.failures(gate)
+
+
+def canned_failures(embed: Callable[[list[str]], np.ndarray], check: CheckSet, gate: Gate) -> list[str]:
+    """The every-load check: the check set's first rows against the gate's min cosine and finiteness."""
+    n = min(CANNED, len(check.texts))
+    parity = compare(check.vectors[:n], embed(check.texts[:n]), 0, "cosine")
+    return parity.failures(Gate(min_cosine=gate.min_cosine, finite=gate.finite))
+
+
+# -- the verdict cache ----------------------------------------------------------------------
+
+def cache_key(variant_sha256: str, check_sha256: str, variant: str, platform: Platform) -> str:
+    text = json.dumps([variant_sha256, check_sha256, variant, platform.key()])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def read_cached(folder: Path, key: str) -> dict | None:
+    try:
+        data = json.loads((folder / f"{key}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("passed"), bool) else None
+
+
+def write_cached(folder: Path, key: str, result: CheckResult) -> None:
+    """Best effort: a read-only cache only means the check runs again next time."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{key}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")
+        os.replace(tmp, folder / f"{key}.json")
+    except OSError as exc:
+        log.info("could not cache the check of %s in %s (%s): it will run again on the next load",
+                 result.variant, folder, exc)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
