@@ -12,7 +12,7 @@ from corom_runtime.errors import ArtifactError, ProviderUnavailableError
 from corom_runtime.manifest import VariantEntry
 from corom_runtime.openvino_session import compile_config
 from corom_runtime.providers import SessionSettings
-from corom_runtime.selection import Machine, choose_device, choose_variant
+from corom_runtime.selection import Machine, choose_device, choose_variant, rank_by_speed, variant_order
 
 ART = Path("/artifacts/m")
 CPU = Machine(devices=("cpu",), engines=frozenset({"onnxruntime", "openvino"}), cpu="EPYC", threads=2)
@@ -130,3 +130,27 @@ def test_openvino_gets_a_bounded_onednn_primitive_cache_unless_the_user_set_one(
     chosen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={**env, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256"})
     assert default.stdout.strip() == "64" and chosen.stdout.strip() == "256", default.stderr + chosen.stderr
+
+
+def test_a_few_percent_of_measurement_noise_does_not_flip_auto():
+    # within 5% of each other: the table's order decides, so a loaded machine cannot demote ov-int8
+    variants = {"ov-int8": entry("ov-int8", speed=500.0), "ov-bf16": entry("ov-bf16", speed=520.0),
+                "int8": entry("int8", speed=200.0)}
+    assert choose_variant(variants, "auto", "cpu", CPU, ART) == "ov-int8"
+    variants["ov-bf16"] = entry("ov-bf16", speed=560.0)  # clearly faster: it wins
+    assert choose_variant(variants, "auto", "cpu", CPU, ART) == "ov-bf16"
+    assert variant_order(variants, "auto", "cpu", CPU, ART) == ["ov-bf16", "ov-int8", "int8"]
+
+
+def test_rank_by_speed_is_the_table_order_with_measured_ties():
+    assert rank_by_speed(["a", "b", "c"], {"a": 100.0, "b": 104.9, "c": None}) == ["a", "b", "c"]
+    assert rank_by_speed(["a", "b", "c"], {"a": 100.0, "b": 106.0, "c": 300.0}) == ["c", "b", "a"]
+    assert rank_by_speed(["a", "b"], {}) == ["a", "b"]
+
+
+def test_cpu_speeds_do_not_rank_gpu_variants():
+    # measured on the CPU (fp32 faster than fp16 there): on CUDA the table's accelerator order decides
+    variants = {"opt": entry("opt", speed=900.0), "fp16": entry("fp16", speed=300.0)}
+    gpu = Machine(("cuda", "cpu"), frozenset({"onnxruntime"}), "EPYC", 2)
+    assert choose_variant(variants, "auto", "cuda", gpu, ART) == "fp16"
+    assert choose_variant(variants, "auto", "cpu", gpu, ART) == "opt"

@@ -137,7 +137,7 @@ def test_truncated_onnx_file_is_reported_by_name(tmp_path, corom_artifact):
 def test_static_int8_option_exports_and_runs(tmp_path, corom_checkpoint):
     from corom_runtime import Embedder
 
-    out = export_artifact(str(corom_checkpoint), tmp_path / "static", ExportOptions(int8_static=True))
+    out = export_artifact(str(corom_checkpoint), tmp_path / "static", ExportOptions(int8_static=True, int8_recipe="attention"))
     report = verify_artifact(out, n_queries=20, n_passages=200, variants=["int8"], stsb=False)
     (result,) = report.results
     assert result.parity is not None and result.parity.min_cosine > 0.95, result.failures

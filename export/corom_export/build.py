@@ -81,6 +81,9 @@ def export_artifact(model: str, out: Path, options: ExportOptions = ExportOption
     Returns `out`. The variants are not marked passed: run `verify_artifact` (as `corom export` does).
     """
     out = Path(out)
+    if options.int8_static and options.int8_recipe in ("nbits8", "smooth"):
+        raise CoromError(f"--int8-static calibrates activation ranges; the {options.int8_recipe!r} recipe has none "
+                         "(use --int8-recipe attention, no-ffn-out or full with it)")
     if out.exists() and not options.force:
         raise CoromError(f"{out} already exists; pass --force to replace it, or choose another --out")
     preset, preset_name, checkpoint = settings_for(model, options)

@@ -132,13 +132,16 @@ def measure_speeds(embedders: dict[str, Embedder], items: list[TokenizedText], r
 
 
 def write_check_set(folder: Path, texts: list[str], n_queries: int, reference: np.ndarray,
-                    worst: np.ndarray) -> dict:
+                    worst: np.ndarray) -> tuple[dict, list[int], int]:
     """The artifact's load-time check set (`corom_runtime.cpu_check`): queries, the hardest passages
-    (lowest cosine any variant reached here) and a random spread, with the reference's vectors."""
+    (lowest cosine any variant reached here) and a random spread, with the reference's vectors.
+    Returns the manifest's record, the rows picked and how many of them are queries."""
     queries, passages = pick_check_texts(n_queries, worst)
     rows = queries + passages
     CheckSet(texts=[texts[i] for i in rows], n_queries=len(queries), vectors=reference[rows]).write(folder / CHECK_FILE)
-    return {"file": CHECK_FILE, "sha256": sha256_file(folder / CHECK_FILE), "texts": len(rows), "queries": len(queries)}
+    record = {"file": CHECK_FILE, "sha256": sha256_file(folder / CHECK_FILE), "texts": len(rows),
+              "queries": len(queries)}
+    return record, rows, len(queries)
 
 
 def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, variants: list[str] | None = None,
@@ -164,6 +167,7 @@ def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, va
     report = VerifyReport(artifact=artifact.path)
     worst = np.ones(len(items), dtype=np.float32)  # per text, the lowest cosine any variant reached
     embedders: dict[str, Embedder] = {}
+    candidates: dict[str, np.ndarray] = {}
     platforms: dict[str, Platform] = {}
     pairs = None
     stsb_dir = find_stsb() if stsb else None
@@ -191,6 +195,7 @@ def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, va
             report.results.append(VariantResult(name, None, gate, "-", [f"cannot run on the CPU: {exc}"]))
             continue
         candidate = embedder.embed_tokenized(items)
+        candidates[name] = candidate
         worst = np.minimum(worst, cosine_rows(reference, np.nan_to_num(candidate)))
         parity = replace(compare(reference, candidate, n_queries, artifact.score),
                          batch_invariance=measure_batch_invariance(embedder, items[n_queries:]))
@@ -231,7 +236,10 @@ def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, va
                                           "top10_agreement": r.parity.top10_agreement if r.parity else None,
                                           "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         if platforms:
-            manifest.check = write_check_set(artifact.path, texts, n_queries, reference, worst)
+            manifest.check, rows, n_check_queries = write_check_set(artifact.path, texts, n_queries, reference, worst)
+            for name, candidate in candidates.items():  # what the load-time check compares top-10 with
+                manifest.variants[name].parity["check_top10"] = compare(
+                    reference[rows], candidate[rows], n_check_queries, artifact.score).top10_agreement
         if stsb:  # a run told to skip STSb keeps the figures an earlier run recorded
             manifest.quality = {"stsb_dev_spearman_reference": report.reference_stsb,
                                 "stsb_skipped": report.stsb_skipped}

@@ -208,10 +208,45 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    if args.here:
+        return _verify_here(args)
     verify = _export_module("verify")
     report = verify.verify_artifact(Path(args.artifact), n_queries=args.queries, n_passages=args.passages,
                                     variants=args.variants, stsb=not args.no_stsb, threads=args.threads)
     return _report(report, args.json)
+
+
+def _verify_here(args: argparse.Namespace) -> int:
+    """`corom verify --here`: the load-time check of every passed CPU variant on this machine, cached,
+    with the runtime alone (for images and readiness probes). Exit 0 when `auto` has a variant here."""
+    from .artifact import load_artifact
+    from .embedder import Embedder
+    from .engines import engine_installed
+    from .errors import VariantRejectedError
+
+    artifact = load_artifact(args.artifact)
+    rows: dict[str, dict] = {}
+    for name, entry in artifact.variants.items():
+        if not entry.passed or "cpu" not in entry.devices or not engine_installed(entry.engine) \
+                or (args.variants and name not in args.variants):
+            continue
+        try:
+            rows[name] = Embedder.load(artifact.path, variant=name, device="cpu", threads=args.threads,
+                                       warmup=False).info.verified
+        except VariantRejectedError as exc:
+            rows[name] = {"passed": False, "failures": [str(exc)]}
+    try:
+        auto = Embedder.load(artifact.path, device="cpu", threads=args.threads, warmup=False).variant
+    except CoromError as exc:
+        auto, why = None, str(exc)
+    if args.json:
+        print(json.dumps({"artifact": str(artifact.path), "auto": auto, "variants": rows}, indent=2))
+    else:
+        for name, row in rows.items():
+            print(f"{name:8} {'pass' if row.get('passed') else 'FAIL':5} {row.get('source', '-'):9} "
+                  f"{'; '.join(row.get('failures') or [])}")
+        print(f"auto serves {auto} on this CPU" if auto else f"no variant passes here: {why}")
+    return 0 if auto else 1
 
 
 def _report(report, as_json: bool) -> int:
@@ -282,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="artifact folder written by `corom export`")
     p.add_argument("--variants", nargs="+", choices=variant_names(), help="only these variants")
     p.add_argument("--no-stsb", action="store_true", help="skip the STS Benchmark Spearman")
+    p.add_argument("--here", action="store_true",
+                   help="no PyTorch needed: check every passed variant's gate on this CPU with the artifact's check "
+                        "set (what Embedder.load does on a CPU the artifact was not verified on), cache the "
+                        "verdicts, and exit 0 if `auto` has a variant to serve here (for images and readiness "
+                        "probes)")
     p.add_argument("--threads", type=int, default=None, help="threads for the reference and the sessions")
     _verify_args(p)
     p.set_defaults(func=cmd_verify)

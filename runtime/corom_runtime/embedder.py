@@ -13,8 +13,8 @@ import numpy as np
 
 from .artifact import Artifact, load_artifact
 from .batching import pad_batch, plan_batches
-from .cpu_check import (CheckResult, CheckSet, Platform, cache_key, canned_failures, matching_record, read_cached,
-                        run_check, timed, write_cached)
+from .cpu_check import (CheckResult, CheckSet, Platform, cache_key, canned_failures, check_gate, matching_record,
+                        read_cached, run_check, timed, write_cached)
 from .engines import ENGINES, engine_installed, gate_of
 from .errors import ArtifactError, MissingArtifactError, VariantRejectedError
 from .presets import artifact_dir, cache_lock, cache_root
@@ -243,7 +243,9 @@ class Embedder:
             def run_alone(texts: list[str]) -> np.ndarray:
                 return self.session.run(*pad_batch(self.tokenizer.encode(texts), self.artifact.pad_id))
 
-            (parity, failures), seconds = timed(lambda: run_check(embed, run_alone, check, gate, self.artifact.score))
+            here_gate = check_gate(gate, entry.parity.get("check_top10"))
+            (parity, failures), seconds = timed(lambda: run_check(embed, run_alone, check, here_gate,
+                                                                  self.artifact.score))
             result = CheckResult(name, platform.to_dict(), not failures, failures, parity.to_dict(), round(seconds, 2))
             log.warning("variant %s on this CPU: min cos %.6f, top-10 %.4f, batch invariance %.7f -> %s (%.1fs)",
                         name, parity.min_cosine, parity.top10_agreement, parity.batch_invariance,

@@ -89,7 +89,11 @@ class OpenVINOSession:
         except RuntimeError as exc:
             raise ProviderUnavailableError(f"OpenVINO has no {target} device on this machine ({exc})") from exc
         config = compile_config(device, precision, settings, capabilities)
-        (settings.cache_dir / "openvino").mkdir(parents=True, exist_ok=True)
+        try:
+            (settings.cache_dir / "openvino").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a read-only cache: compile every time rather than fail
+            log.info("no OpenVINO model cache in %s (%s)", settings.cache_dir, exc)
+            config.pop("CACHE_DIR")
         try:
             # compile from the path, not a read model: that is what lets OpenVINO reuse its cache
             self._compiled = core.compile_model(str(model_path), target, config)

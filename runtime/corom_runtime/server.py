@@ -229,7 +229,11 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
             return JSONResponse({"status": status}, code)  # liveness only: no details without the key
         return JSONResponse({"status": status, "model": embedder.info.model, "variant": embedder.variant,
                              "engine": embedder.info.engine, "device": embedder.info.device,
-                             "queued": b.queued if b else 0, "worker_alive": bool(b and b.healthy)}, code)
+                             "queued": b.queued if b else 0, "worker_alive": bool(b and b.healthy),
+                             # where this variant's gate was verified: the manifest's record for this CPU,
+                             # a cached verdict or a check run at start (`cpu_check`)
+                             "verified": {k: embedder.info.verified.get(k) for k in ("passed", "source", "platform")}},
+                            code)
 
     async def metrics(request: Request) -> Response:
         if not (settings.public_health or authorized(request.headers.get("authorization"), settings.api_key)):
