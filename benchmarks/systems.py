@@ -252,7 +252,7 @@ def fastembed(folder: Path, threads: int) -> Encode:
 def corom(artifact: Path, threads: int, variant: str) -> Encode:
     from corom_runtime import Embedder
 
-    embedder = Embedder.load(artifact, variant=variant, device="cpu", threads=threads)
+    embedder = Embedder.load(artifact, variant=variant, device="cpu", threads=threads, verify_here=False)
 
     def encode(texts: list[str], batch_size: int) -> np.ndarray:
         return embedder.encode(texts, batch_size=batch_size)

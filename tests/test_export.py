@@ -13,6 +13,7 @@ from corom_export.build import ExportOptions, export_artifact
 from corom_export.stsb import find_stsb
 from corom_export.verify import verify_artifact
 from corom_runtime.cli import main as corom
+from corom_runtime import Embedder
 from corom_runtime.engines import VARIANTS, Gate, engine_installed
 from corom_runtime.errors import CoromError
 
@@ -24,23 +25,39 @@ def manifest(folder):
     return json.loads((folder / "manifest.json").read_text())
 
 
-@pytest.mark.parametrize("fixture", ["bundled_artifact", "corom_artifact"])
-def test_every_variant_passes_its_gate(fixture, request):
-    folder = request.getfixturevalue(fixture)
-    m = manifest(folder)
+def meets_gate(parity: dict) -> bool:
+    gate = parity["gate"]
+    return bool(parity["finite"] and parity["min_cosine"] >= gate["min_cosine"]
+                and parity["top10_agreement"] >= gate["top10_agreement"]
+                and parity["batch_invariance"] >= gate["batch_invariance"])
+
+
+def test_every_variant_of_the_bundled_model_passes_its_gate(bundled_artifact):
+    """Real weights: every recipe, int8 included, holds its gate here (CI catches a recipe that breaks)."""
+    m = manifest(bundled_artifact)
     assert set(m["variants"]) == EXPECTED
     for name, spec in m["variants"].items():
-        assert spec["passed"], (name, spec["parity"])
-        parity = spec["parity"]
-        assert parity["gate"] == vars(VARIANTS[name].gate)
-        assert parity["finite"] and parity["min_cosine"] >= parity["gate"]["min_cosine"]
-        assert parity["top10_agreement"] >= parity["gate"]["top10_agreement"]
-        assert parity["batch_invariance"] >= parity["gate"]["batch_invariance"]
+        assert spec["passed"] and meets_gate(spec["parity"]), (name, spec["parity"])
+        assert spec["parity"]["gate"] == vars(VARIANTS[name].gate)
         assert spec["engine"] == VARIANTS[name].engine and spec["precision"] == VARIANTS[name].precision
         assert spec["speed"]["texts_per_s"] > 0 and spec["speed"]["threads"] >= 1
-        assert (folder / spec["file"]).is_file()
+        assert spec["speed"]["method"].startswith("best of")
+        assert (bundled_artifact / spec["file"]).is_file()
         if spec["weights_file"]:
-            assert (folder / spec["weights_file"]).is_file()
+            assert (bundled_artifact / spec["weights_file"]).is_file()
+
+
+def test_every_variant_of_a_corom_checkpoint_is_judged_by_its_gate(corom_artifact):
+    """A random-weight CoROM-like BERT: the float variants must pass; each verdict is its figures
+    against its gate (its static int8 may fail: top-10 0.966 on this model, so it is not served)."""
+    m = manifest(corom_artifact)
+    assert set(m["variants"]) == EXPECTED
+    for name, spec in m["variants"].items():
+        assert spec["parity"]["gate"] == vars(VARIANTS[name].gate)
+        assert spec["passed"] is meets_gate(spec["parity"]), (name, spec["parity"])
+    for name in ("fp32", "opt", "fp16", "int8", "ov-bf16"):
+        assert m["variants"][name]["passed"], (name, m["variants"][name]["parity"])
+    assert Embedder.load(corom_artifact, device="cpu").info.verified["passed"]
 
 
 def test_manifest_describes_the_graph(bundled_artifact):
@@ -135,13 +152,11 @@ def test_truncated_onnx_file_is_reported_by_name(tmp_path, corom_artifact):
 
 
 def test_static_int8_option_exports_and_runs(tmp_path, corom_checkpoint):
-    from corom_runtime import Embedder
-
     out = export_artifact(str(corom_checkpoint), tmp_path / "static", ExportOptions(int8_static=True, int8_recipe="attention"))
     report = verify_artifact(out, n_queries=20, n_passages=200, variants=["int8"], stsb=False)
     (result,) = report.results
     assert result.parity is not None and result.parity.min_cosine > 0.95, result.failures
-    emb = Embedder.load(out, variant="int8", device="cpu").encode(["static int8"])
+    emb = Embedder.load(out, variant="int8", device="cpu", verify_here=False).encode(["static int8"])
     assert emb.shape == (1, 256) and np.isfinite(emb).all()
 
 

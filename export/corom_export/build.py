@@ -127,8 +127,9 @@ def export_artifact(model: str, out: Path, options: ExportOptions = ExportOption
         optimize.write_fp16(OnnxModel(onnx.load(str(work / FILES["opt"]))), work / FILES["fp16"])
         add_variant(manifest, work, "fp16")
 
-        _step(5, total, f"quantizing to int8 ({'static, calibrated' if options.int8_static else 'dynamic'}, "
-                        f"recipe {options.int8_recipe!r})")
+        recipe = "static, calibrated" if options.int8_static else "8-bit weight blocks, per-token activations" \
+            if options.int8_recipe == "nbits8" else "dynamic"
+        _step(5, total, f"quantizing to int8 ({recipe}, recipe {options.int8_recipe!r})")
         calibration = None
         if options.int8_static or options.int8_recipe == "smooth":
             calibration = list(_calibration_batches(work / "tokenizer.json", preset.max_length, pad_id))

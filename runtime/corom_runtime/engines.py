@@ -86,8 +86,8 @@ _LOSSLESS = Gate(min_cosine=0.99999, batch_invariance=0.99999)
 VARIANTS: dict[str, VariantSpec] = {v.name: v for v in (
     VariantSpec("ov-int8", "model.ov-int8.xml", "openvino", "int8", ("cpu",),
                 Gate(min_cosine=0.99, top10_agreement=0.97, batch_invariance=0.9995),
-                "NNCF static int8 of the attention projections (SmoothQuant 0.5); FFN and attention "
-                "products in bf16 (f32 where the CPU lacks bf16)", True),
+                "NNCF static int8 of the attention's Q/K/V projections (SmoothQuant 0.5); the rest in bf16 "
+                "(f32 where the CPU lacks bf16)", True),
     VariantSpec("ov-bf16", "model.fp32.onnx", "openvino", "bf16", ("cpu", "gpu", "npu"),
                 Gate(min_cosine=0.9999, top10_agreement=0.98, batch_invariance=0.9999),
                 "the plain graph, OpenVINO inference precision bf16 (f32 where the CPU lacks bf16)", True),
