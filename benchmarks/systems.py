@@ -14,6 +14,8 @@ from typing import Callable
 
 import numpy as np
 
+from corom_runtime.engines import VARIANTS
+
 log = logging.getLogger(__name__)
 
 Encode = Callable[[list[str], int], np.ndarray]
@@ -299,10 +301,8 @@ def all_systems(folder: Path, artifact: Path, threads: int, quick: bool, bf16_ok
         System("openvino-nncf-int8", "peer", lambda: openvino(folder, threads, "int8-static"),
                "NNCF static int8, transformer preset, everything quantized"),
         System("corom-opt", "corom", lambda: corom(artifact, threads, "opt")),
-        System("corom-int8", "corom", lambda: corom(artifact, threads, "int8"),
-               "ONNX Runtime dynamic int8 (attention int8, FFN fp32)"),
+        System("corom-int8", "corom", lambda: corom(artifact, threads, "int8"), VARIANTS["int8"].recipe),
         System("corom-ov-bf16", "corom", lambda: corom(artifact, threads, "ov-bf16"), "lossless CPU mode"),
-        System("corom-ov-int8", "corom", lambda: corom(artifact, threads, "ov-int8"),
-               "NNCF static int8, FFN output projections in bf16"),
+        System("corom-ov-int8", "corom", lambda: corom(artifact, threads, "ov-int8"), VARIANTS["ov-int8"].recipe),
     ]
     return systems

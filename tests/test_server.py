@@ -240,3 +240,24 @@ def test_cli_serve_shuts_down_gracefully_on_sigterm(bundled_artifact):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_uvicorn_internals_we_patch_are_still_there():
+    """`uvicorn_server` leans on uvicorn's h11 protocol (pinned <0.56 in pyproject): fail here, not in a
+    production server, when an upgrade moves what it overrides or reads."""
+    import inspect
+
+    from uvicorn.protocols.http import h11_impl
+
+    from corom_runtime import uvicorn_server
+
+    assert h11_impl.service_unavailable is uvicorn_server._over_connection_bound
+    protocol = guarded_protocol(1.0)
+    for name in ("connection_made", "data_received", "on_response_complete", "send_400_response", "connection_lost"):
+        base = getattr(h11_impl.H11Protocol, name)
+        assert callable(base) and getattr(protocol, name) is not base, name
+        assert list(inspect.signature(base).parameters) == list(inspect.signature(getattr(protocol, name)).parameters), name
+    source = inspect.getsource(h11_impl.H11Protocol)
+    for attribute in ("self.conn", "self.cycle", "self.transport", "self.loop", "self.client"):
+        assert attribute in source, attribute
+    assert "service_unavailable" in inspect.getsource(h11_impl)  # still what uvicorn calls past --limit-concurrency

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -14,6 +15,8 @@ import onnx
 from onnxruntime.transformers.onnx_model import OnnxModel
 
 from corom_runtime.artifact import sha256_file
+from corom_runtime.cpu_check import CHECK_FILE
+from corom_runtime.manifest import MANIFEST, Manifest
 from corom_runtime.engines import INT8_RECIPES, VARIANTS
 from corom_runtime.errors import CoromError, PresetError
 from corom_runtime.presets import Preset, find_preset, list_presets, load_preset
@@ -86,6 +89,8 @@ def export_artifact(model: str, out: Path, options: ExportOptions = ExportOption
                          "(use --int8-recipe attention, no-ffn-out or full with it)")
     if out.exists() and not options.force:
         raise CoromError(f"{out} already exists; pass --force to replace it, or choose another --out")
+    if out.exists():
+        check_replaceable(out)
     preset, preset_name, checkpoint = settings_for(model, options)
     with_openvino = options.openvino and _openvino_exporter_installed()
     total = 7 if with_openvino else 6
@@ -137,7 +142,8 @@ def export_artifact(model: str, out: Path, options: ExportOptions = ExportOption
             kept = int8.write_int8_static(work / FILES["fp32"], work / FILES["int8"], calibration, options.int8_recipe,
                                           sizes["hidden"], sizes["intermediate"])
         else:
-            kept = int8.write_int8_dynamic(work / FILES["opt"], work / FILES["int8"], options.int8_recipe, calibration)
+            kept = int8.write_int8_dynamic(work / FILES["opt"], work / FILES["int8"], options.int8_recipe,
+                                           sizes["hidden"], sizes["intermediate"], calibration)
         if options.int8_recipe not in ("full", "nbits8") and not kept:
             raise CoromError(f"the int8 recipe {options.int8_recipe!r} keeps the FFN MatMuls in float, but none was "
                              f"found in this {family.name} graph: refusing to quantize everything silently; "
@@ -158,13 +164,55 @@ def export_artifact(model: str, out: Path, options: ExportOptions = ExportOption
 
         _step(total, total, f"writing the artifact to {out}")
         manifest.write(work)
-        if out.exists():
-            shutil.rmtree(out)
-        work.rename(out)
+        swap_into_place(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return out
+
+
+def check_replaceable(out: Path) -> None:
+    """`--force` replaces only an artifact corom wrote, holding nothing else: its manifest names every
+    file in it. Anything else is refused before any work is done."""
+    if not out.is_dir():
+        raise CoromError(f"--out {out} is a file, not an artifact folder; choose another --out")
+    present = {p.name for p in out.iterdir()}
+    if not present:
+        return
+    if MANIFEST not in present:
+        raise CoromError(f"{out} is not empty and holds no {MANIFEST}: it was not written by `corom export`, so "
+                         "--force will not replace it; choose another --out (or empty it yourself)")
+    try:
+        ours = artifact_files(Manifest.read(out / MANIFEST))
+    except CoromError:  # a damaged manifest still marks corom's folder: its usual files only
+        ours = {MANIFEST, "tokenizer.json", CHECK_FILE, *FILES.values(), *(f.replace(".xml", ".bin") for f in FILES.values())}
+    foreign = sorted(present - ours)
+    if foreign:
+        raise CoromError(f"{out} holds files `corom export` did not write ({', '.join(foreign[:5])}"
+                         f"{' ...' if len(foreign) > 5 else ''}): --force will not delete them; move them, or "
+                         "choose another --out")
+
+
+def artifact_files(manifest: Manifest) -> set[str]:
+    names = {MANIFEST, manifest.tokenizer.file}
+    for entry in manifest.variants.values():
+        names |= {relative for relative, _ in entry.files()}
+    if manifest.check:
+        names.add(manifest.check["file"])
+    return names
+
+
+def swap_into_place(work: Path, out: Path) -> None:
+    """Move the finished artifact to `out`. An existing one is renamed aside first and removed after
+    the new one is in place, so a reader never sees a half-deleted folder (a server that opened the
+    old files keeps reading them: on POSIX they live until closed)."""
+    if not out.exists():
+        work.rename(out)
+        return
+    old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+    out.rename(old)
+    work.rename(out)
+    shutil.rmtree(old)
 
 
 def _openvino_exporter_installed() -> bool:

@@ -37,39 +37,18 @@ import onnx
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quantize_dynamic, quantize_static)
 
-log = logging.getLogger(__name__)
-
 from corom_runtime.engines import INT8_RECIPES as RECIPES
+
+log = logging.getLogger(__name__)
 
 NBITS_BLOCK = 32  # measured: block 32 min cos 0.999 / top-10 0.985; block 128 0.997 / 0.973 (too close to the gate)
 SMOOTH_ALPHA = 0.7  # measured best of 0.3/0.5/0.7/0.85 on all-MiniLM-L6-v2
-GELU_OPS = ("BiasGelu", "Gelu", "FastGelu")
-LAYERNORM_OPS = ("SkipLayerNormalization", "LayerNormalization", "EmbedLayerNormalization")
 
 
-def ffn_matmuls(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
-    """Names of the FFN input (fed by a LayerNorm) and output (fed by GELU) MatMuls of a fused BERT."""
-    producer = {out: node for node in model.graph.node for out in node.output}
-    ffn_in, ffn_out = [], []
-    for node in model.graph.node:
-        if node.op_type != "MatMul":
-            continue
-        src = producer.get(node.input[0])
-        if src is not None and src.op_type == "Mul" and src.name.endswith("_smooth"):
-            src = producer.get(src.input[0])  # look through a SmoothQuant rescaling
-        if src is None:
-            continue
-        if src.op_type in GELU_OPS:
-            ffn_out.append(node.name)
-        elif src.op_type in LAYERNORM_OPS:
-            ffn_in.append(node.name)
-    return ffn_in, ffn_out
-
-
-def excluded_nodes(model: onnx.ModelProto, recipe: str) -> list[str]:
+def excluded_nodes(model: onnx.ModelProto, recipe: str, hidden: int, intermediate: int) -> list[str]:
     if recipe not in RECIPES:
         raise ValueError(f"int8 recipe must be one of {RECIPES}, got {recipe!r}")
-    ffn_in, ffn_out = ffn_matmuls(model)
+    ffn_in, ffn_out = ffn_matmuls_by_weight(model, hidden, intermediate)
     if recipe == "nbits8":
         return []
     if recipe == "attention":
@@ -79,7 +58,7 @@ def excluded_nodes(model: onnx.ModelProto, recipe: str) -> list[str]:
     return []
 
 
-def write_int8_dynamic(fused: Path, out: Path, recipe: str = "attention",
+def write_int8_dynamic(fused: Path, out: Path, recipe: str, hidden: int, intermediate: int,
                        calibration: Iterable[tuple[np.ndarray, np.ndarray]] | None = None) -> list[str]:
     """Dynamic quantization (s8 per-channel weights, u8 activations scaled per batch).
 
@@ -89,14 +68,14 @@ def write_int8_dynamic(fused: Path, out: Path, recipe: str = "attention",
     model = onnx.load(str(fused), load_external_data=False)
     if recipe == "nbits8":
         return write_int8_nbits(model, out)
-    exclude = excluded_nodes(model, recipe)
+    exclude = excluded_nodes(model, recipe, hidden, intermediate)
     source = fused
     if recipe == "smooth":
         if calibration is None:
             raise ValueError("the smooth recipe needs calibration batches of real text")
         from .smooth import smooth
 
-        ffn_in, _ = ffn_matmuls(model)
+        ffn_in, _ = ffn_matmuls_by_weight(model, hidden, intermediate)
         source = out.with_suffix(".smoothed.onnx")
         smooth(fused, source, ffn_in, calibration, alpha=SMOOTH_ALPHA)
     try:
@@ -144,8 +123,9 @@ class _TextBatches(CalibrationDataReader):
 
 
 def ffn_matmuls_by_weight(model: onnx.ModelProto, hidden: int, intermediate: int) -> tuple[list[str], list[str]]:
-    """FFN input ([hidden, intermediate] weight) and output ([intermediate, hidden]) MatMuls of a plain
-    graph, found by the shapes of their weights: the same in every family, whatever its node names."""
+    """FFN input ([hidden, intermediate] weight) and output ([intermediate, hidden]) MatMuls, found by the
+    shapes of their weights: the same in every family and in the plain and fused graphs, whatever the
+    node names or the GELU form (erf or tanh). The one FFN detector of every int8 recipe."""
     shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
     ffn_in, ffn_out = [], []
     for node in model.graph.node:

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .errors import InvalidInputError
 from .tokenization import TokenizedText
 
 
@@ -23,7 +24,7 @@ def plan_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None
     [[1, 3], [2, 0]]
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise InvalidInputError(f"batch_size must be at least 1, got {batch_size}")
     order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
     batches: list[np.ndarray] = []
     start = 0

@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .corpus_io import (OUTPUT_FORMATS, Row, ShardData, describe, file_fingerprint, id_hash, input_format,
-                        read_rows, row_problem, shard_path, shard_rows, shard_totals, write_shard)
+                        read_rows, row_problem, shard_path, shard_rows, shard_totals, write_json, write_shard)
 from .errors import CoromError
 
 log = logging.getLogger(__name__)
@@ -155,29 +155,54 @@ class BulkSummary:
         return asdict(self)
 
 
-def job_record(options: BulkOptions, fmt: str, fingerprint: str, found: Survey, model: str, variant: str) -> dict:
+def job_record(options: BulkOptions, fmt: str, fingerprint: str, found: Survey, model: str, variant: str,
+               model_sha256: str) -> dict:
+    """What identifies a job for `--resume`: the input's bytes, the model by its path *and* the content
+    hash of the variant's file (a re-export at the same path is another model), and every setting."""
     return {"input": str(options.input), "fingerprint": fingerprint, "rows": found.rows, "bad": found.bad,
-            "id_type": found.id_type, "model": model, "variant": variant,
+            "id_type": found.id_type, "model": model, "variant": variant, "model_sha256": model_sha256,
             **{key: getattr(options, key) for key in JOB_KEYS}, "input_format": fmt}
 
 
 def resume_mismatch(recorded: dict, current: dict) -> str | None:
     """Which recorded setting a resumed run would change, or None. Pure."""
-    for key in ("fingerprint", "model", "variant", *JOB_KEYS):
+    for key in ("fingerprint", "model", "variant", "model_sha256", *JOB_KEYS):
         if recorded.get(key) != current.get(key):
-            what = "the input file changed since the job began" if key == "fingerprint" else \
-                f"{key} was {recorded.get(key)!r}, now {current.get(key)!r}"
+            what = {"fingerprint": "the input file changed since the job began",
+                    "model_sha256": "the model's file changed since the job began (re-exported?): its vectors "
+                                    "would not match the finished shards'"}.get(
+                key, f"{key} was {recorded.get(key)!r}, now {current.get(key)!r}")
             return what
     return None
+
+
+# what `corom embed` writes into its output folder: all `--force` may remove
+OWN_FILES = ("part-*", "*.parquet", "*.tmp", JOB_FILE, SUMMARY_FILE)
+
+
+def own_files(folder: Path) -> list[Path]:
+    return sorted({p for pattern in OWN_FILES for p in folder.glob(pattern) if p.is_file()})
+
+
+def clear_own_output(out: Path) -> None:
+    """`--force`: remove what an earlier `corom embed` wrote in `out`, and nothing else. Refuses a
+    folder without its `_job.json` marker: `--force` never deletes what corom did not write."""
+    if not (out / JOB_FILE).is_file():
+        raise CoromError(f"{out} is not empty and holds no {JOB_FILE}: it was not written by `corom embed`, so "
+                         "--force will not delete anything in it; choose another --output (or empty it yourself)")
+    for path in own_files(out):
+        path.unlink()
 
 
 def prepare_output(options: BulkOptions, record: dict) -> dict:
     """Create or reopen the output folder; returns the job record in force. Refuses to mix two jobs."""
     out = options.output
     job = out / JOB_FILE
+    if out.exists() and not out.is_dir():
+        raise CoromError(f"--output {out} is a file, not a folder; choose another --output")
     if out.exists() and any(out.iterdir()):
         if options.force:
-            shutil.rmtree(out)
+            clear_own_output(out)
         elif not options.resume:
             raise CoromError(f"{out} exists and is not empty: give --resume to continue that job, "
                              "--force to replace it, or another --output")
@@ -192,7 +217,7 @@ def prepare_output(options: BulkOptions, record: dict) -> dict:
                                  "or --force to start over")
             return recorded
     out.mkdir(parents=True, exist_ok=True)
-    job.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    write_json(job, record)
     return record
 
 
@@ -219,7 +244,8 @@ def embed_corpus(options: BulkOptions, load_embedder: Callable[[str | None], "ob
         recorded_variant = json.loads((options.output / JOB_FILE).read_text(encoding="utf-8")).get("variant")
     embedder = load_embedder(recorded_variant)
     embedder.prompt_text(options.prompt_name)  # an unknown prompt name fails here, before any output
-    record = job_record(options, fmt, fingerprint, found, str(embedder.artifact.path), embedder.variant)
+    record = job_record(options, fmt, fingerprint, found, str(embedder.artifact.path), embedder.variant,
+                        embedder.artifact.variants[embedder.variant].sha256)
     prepare_output(options, record)
 
     shards = shard_count(found.rows, options.shard_size)
@@ -250,7 +276,7 @@ def embed_corpus(options: BulkOptions, load_embedder: Callable[[str | None], "ob
                           tokens=tokens, truncated=truncated, shards=shards, seconds=round(seconds, 3),
                           texts_per_s=round(embedded / seconds, 1) if seconds > 0 else 0.0,
                           model=embedder.artifact.name, variant=embedder.variant)
-    (options.output / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2), encoding="utf-8")
+    write_json(options.output / SUMMARY_FILE, summary.to_dict())
     return summary
 
 

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -434,9 +435,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (CoromError, TypeError, ValueError, json.JSONDecodeError, OSError) as exc:
+    except (CoromError, json.JSONDecodeError, OSError) as exc:  # the user's to fix: say what, no traceback
         print(f"corom {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - a bug: its traceback under -v
+        if args.verbose:
+            traceback.print_exc()
+        print(f"corom {args.command}: internal error: {type(exc).__name__}: {exc}"
+              f"{'' if args.verbose else ' (run with -v for the traceback)'}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -167,12 +167,17 @@ def arrow_table(data: ShardData, id_type: str):
                      "truncated": pa.array(data.truncated, type=pa.bool_())})
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """`write(tmp)`, fsync, then rename over `path`: a crash leaves the old file or the new, never half."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2), encoding="utf-8"))
 
 
 def write_shard(folder: Path, index: int, fmt: str, data: ShardData, id_type: str) -> Path:
@@ -181,7 +186,7 @@ def write_shard(folder: Path, index: int, fmt: str, data: ShardData, id_type: st
     path = shard_path(folder, index, fmt)
     if fmt == "parquet":
         pq = import_pyarrow().parquet
-        _atomic_write(path, lambda tmp: pq.write_table(arrow_table(data, id_type), tmp))
+        atomic_write(path, lambda tmp: pq.write_table(arrow_table(data, id_type), tmp))
     elif fmt == "npy":
         def write_meta(tmp: Path) -> None:
             with open(tmp, "w", encoding="utf-8") as handle:
@@ -192,8 +197,8 @@ def write_shard(folder: Path, index: int, fmt: str, data: ShardData, id_type: st
             with open(tmp, "wb") as handle:
                 np.save(handle, np.ascontiguousarray(data.vectors, dtype=np.float32))
 
-        _atomic_write(path.with_suffix(".jsonl"), write_meta)
-        _atomic_write(path, write_vectors)
+        atomic_write(path.with_suffix(".jsonl"), write_meta)
+        atomic_write(path, write_vectors)
     else:
         raise CoromError(f"unknown output format {fmt!r}: one of {', '.join(OUTPUT_FORMATS)}")
     return path

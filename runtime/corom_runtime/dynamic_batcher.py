@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from .embedder import Embedder
-from .errors import BatcherClosedError, OverloadedError
+from .errors import BatcherClosedError, InvalidInputError, OverloadedError, RequestTooLargeError
 from .metrics import SIZE_BUCKETS, Metrics
 from .tokenization import TokenizedText, check_texts
 
@@ -48,12 +48,12 @@ class BatcherSettings:
         for name in ("max_batch_size", "max_batch_tokens", "max_queue"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"batcher setting {name} must be a whole number of at least 1, got {value!r}")
+                raise InvalidInputError(f"batcher setting {name} must be a whole number of at least 1, got {value!r}")
         wait = self.max_wait_ms
         # inf would make the worker wait forever (and time.sleep(inf) raises); nan never compares true
         if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not math.isfinite(wait) \
                 or not 0 <= wait <= MAX_WAIT_MS:
-            raise ValueError(f"batcher setting max_wait_ms must be a finite number from 0 to {MAX_WAIT_MS}, got {wait!r}")
+            raise InvalidInputError(f"batcher setting max_wait_ms must be a finite number from 0 to {MAX_WAIT_MS}, got {wait!r}")
 
 
 @dataclass
@@ -184,10 +184,14 @@ class DynamicBatcher:
 
         The ticket also carries `.timings` (filled in as the request moves) and `.token_count`.
 
-        Raises at once on bad input (`TypeError` naming the index), a full queue (`OverloadedError`)
-        or a closed batcher (`BatcherClosedError`).
+        Raises at once on bad input (`TypeError` naming the index), a request larger than the whole
+        queue (`RequestTooLargeError`: it could never be queued), a full queue (`OverloadedError`) or a
+        closed batcher (`BatcherClosedError`).
         """
         checked = check_texts(texts)
+        if len(checked) > self.settings.max_queue:
+            raise RequestTooLargeError(f"{len(checked)} texts in one request, more than the queue holds "
+                                       f"(max_queue {self.settings.max_queue}): split it into smaller requests")
         ticket = Ticket(Future())
         if not checked:
             ticket.future.set_result(np.empty((0, self.embedder.dim), dtype=np.float32))

@@ -16,7 +16,8 @@ from .batching import pad_batch, plan_batches
 from .cpu_check import (CheckResult, CheckSet, Platform, cache_key, canned_failures, check_gate, matching_record,
                         read_cached, run_check, timed, write_cached)
 from .engines import ENGINES, engine_installed, gate_of
-from .errors import ArtifactError, MissingArtifactError, VariantRejectedError
+from .errors import (ArtifactError, InvalidInputError, InvalidInputTypeError, MissingArtifactError,
+                     ProviderUnavailableError, VariantRejectedError)
 from .presets import artifact_dir, cache_lock, cache_root
 from .providers import SessionSettings, ort_devices
 from .selection import Machine, choose_device, cpu_model, variant_order
@@ -166,7 +167,7 @@ class Embedder:
         settings = settings or SessionSettings()
         if threads is not None:
             if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-                raise ValueError(f"threads must be a whole number of at least 1, got {threads!r}")
+                raise InvalidInputError(f"threads must be a whole number of at least 1, got {threads!r}")
             settings = SessionSettings(**{**asdict(settings), "threads": threads})
         machine = this_machine(settings.resolved_threads(), device)
         supported = artifact.variants[variant].devices if variant in artifact.variants else None
@@ -195,6 +196,13 @@ class Embedder:
             rejected.append(why)
         else:
             raise VariantRejectedError("no variant passes its gate on this CPU: " + " | ".join(rejected))
+        if embedder.session.device != chosen_device:
+            message = (f"{chosen_device} was asked for, but {embedder.info.engine} runs {embedder.variant} on "
+                       f"{embedder.session.device} (providers {embedder.session.providers}): its {chosen_device} "
+                       "provider is installed but cannot run here (driver, libraries or device missing)")
+            if device != "auto" and not allow_fallback:
+                raise ProviderUnavailableError(f"{message}; fix that, or pass device='cpu' or allow_fallback=True")
+            log.warning("%s; running on %s", message, embedder.session.device)
         if warmup:  # a second, batched run: the engines allocate their buffers for more than one row
             embedder.encode(["warm up", "a somewhat longer warm-up text of a few more tokens"])
         log.info("loaded %s", embedder.info)
@@ -330,11 +338,11 @@ class Embedder:
         ...     index.add_with_ids(vectors, indices)
         """
         if isinstance(texts, (str, bytes)):
-            raise TypeError("texts must be an iterable of strings, not a single string: wrap it as [text]")
+            raise InvalidInputTypeError("texts must be an iterable of strings, not a single string: wrap it as [text]")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
+            raise InvalidInputError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be a whole number of at least 1, got {window!r}")
+            raise InvalidInputError(f"window must be a whole number of at least 1, got {window!r}")
         prefix = self.prompt_text(prompt_name, prompt)
         # checked above, before the first next(): a bad argument fails at the call, not later
         return self._windows(iter(texts), batch_size, window, normalize_embeddings, max_batch_tokens, prefix)
@@ -347,16 +355,16 @@ class Embedder:
     def prompt_text(self, prompt_name: str | None = None, prompt: str | None = None) -> str:
         """The text to put before every input: the model's prompt `prompt_name`, or `prompt`, or ""."""
         if prompt_name is not None and prompt is not None:
-            raise ValueError("give prompt_name or prompt, not both")
+            raise InvalidInputError("give prompt_name or prompt, not both")
         if prompt is not None:
             if not isinstance(prompt, str):
-                raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+                raise InvalidInputTypeError(f"prompt must be a string, got {type(prompt).__name__}")
             return prompt
         if prompt_name is None:
             return ""
         if prompt_name not in self.artifact.prompts:
             known = ", ".join(repr(k) for k in self.artifact.prompts) or "none (this model takes no prompts)"
-            raise ValueError(f"unknown prompt_name {prompt_name!r} for {self.artifact.name}; known: {known}")
+            raise InvalidInputError(f"unknown prompt_name {prompt_name!r} for {self.artifact.name}; known: {known}")
         return self.artifact.prompts[prompt_name]
 
     def _windows(self, iterator: Iterator[str], batch_size: int, window: int, normalize_embeddings: bool | None,
@@ -396,11 +404,11 @@ class Embedder:
         `{"text_embedding": float32 (n+1, dim), "scores": [score(s, ci), ...]}`.
         """
         if not isinstance(inputs, dict) or "source_sentence" not in inputs:
-            raise ValueError('pipeline input must be a dict with "source_sentence": [text] '
+            raise InvalidInputError('pipeline input must be a dict with "source_sentence": [text] '
                              '(and optionally "sentences_to_compare": [texts])')
         source = check_texts(inputs["source_sentence"])
         if len(source) != 1:
-            raise ValueError(f"source_sentence must hold exactly one text, got {len(source)}")
+            raise InvalidInputError(f"source_sentence must hold exactly one text, got {len(source)}")
         compare = check_texts(inputs.get("sentences_to_compare") or [])
         emb = self.encode(source + compare)
         scores = self.similarity(emb[:1], emb[1:])[0].tolist() if compare else []

@@ -5,6 +5,18 @@ class CoromError(Exception):
     """Base class of every corom-onnx error."""
 
 
+class InvalidInputError(CoromError, ValueError):
+    """A caller's texts or options are invalid (HTTP 400). Still a `ValueError` for `encode` callers."""
+
+
+class InvalidInputTypeError(CoromError, TypeError):
+    """A caller passed the wrong type (HTTP 400). Still a `TypeError` for `encode` callers."""
+
+
+class RequestTooLargeError(InvalidInputError):
+    """A request larger than a limit it can never fit in (HTTP 413); retrying cannot help."""
+
+
 class PresetError(CoromError, KeyError):
     """An unknown or malformed model preset."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from starlette.responses import JSONResponse
 
-from .errors import BatcherClosedError, OverloadedError
+from .errors import BatcherClosedError, InvalidInputError, InvalidInputTypeError, OverloadedError, RequestTooLargeError
 
 KIND = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
         404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
@@ -33,14 +33,18 @@ def error_response(status: int, message: str, kind: str | None = None, headers: 
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
 
 
-def from_exception(exc: Exception) -> HTTPError:
-    """Map the runtime's errors to statuses: overload and shutdown are 503, bad input 400."""
+def from_exception(exc: Exception, request_id: str = "") -> HTTPError:
+    """Map the runtime's errors to statuses: overload and shutdown are 503, the caller's invalid input
+    (`InvalidInputError`, `InvalidInputTypeError`) 400. Anything else, a plain `ValueError` included,
+    is a bug: a 500 whose message names only the request id (the log has the rest)."""
     if isinstance(exc, HTTPError):
         return exc
     if isinstance(exc, OverloadedError):
         return HTTPError(503, str(exc), "overloaded")
     if isinstance(exc, BatcherClosedError):
         return HTTPError(503, str(exc), "server_error")
-    if isinstance(exc, (TypeError, ValueError)):
+    if isinstance(exc, RequestTooLargeError):
+        return HTTPError(413, str(exc))
+    if isinstance(exc, (InvalidInputError, InvalidInputTypeError)):
         return HTTPError(400, str(exc))
-    return HTTPError(500, "internal error; see the server log", "server_error")
+    return HTTPError(500, f"internal error (request id {request_id}); see the server log", "server_error")

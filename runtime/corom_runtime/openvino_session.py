@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -109,13 +110,26 @@ class OpenVINOSession:
         self.inference_precision = hint.get_type_name() if hint is not None else config.get(
             "INFERENCE_PRECISION_HINT", "default")
         self.providers = [f"OpenVINO:{target}:{self.inference_precision}"]
-        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        # at most as many infer requests (each holds its own buffers) as the compiled model can run at
+        # once; more concurrent callers wait for one instead of growing the pool
+        self._limit = max(1, int(self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self._created = 0
+        self._create_lock = threading.Lock()
+        self._requests: queue.Queue = queue.Queue()
+
+    def _take_request(self):
+        try:
+            return self._requests.get_nowait()
+        except queue.Empty:
+            pass
+        with self._create_lock:
+            if self._created < self._limit:
+                self._created += 1
+                return self._compiled.create_infer_request()
+        return self._requests.get()  # every request is busy: wait for one to come back
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        try:
-            request = self._requests.get_nowait()
-        except queue.Empty:
-            request = self._compiled.create_infer_request()
+        request = self._take_request()
         try:
             result = request.infer(build_feed(self.inputs, input_ids, attention_mask))
             # the request reuses its output buffer on the next call: hand the caller its own copy

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .bulk import SUMMARY_FILE, BulkOptions, BulkSummary, checked_input, job_record, prepare_output
-from .corpus_io import ShardData, arrow_table, import_pyarrow, read_rows, row_problem, shard_totals, text_problem
+from .corpus_io import (ShardData, arrow_table, import_pyarrow, read_rows, row_problem, shard_totals, text_problem,
+                        write_json)
 from .errors import CoromError
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,8 @@ class EmbedActor:
         return arrow_table(data, self.id_type)
 
 
-def resolve_variant(artifact: str, variant: str) -> tuple[str, str]:
-    """(artifact path, concrete variant) as chosen on this machine: every replica then runs the same
+def resolve_variant(artifact: str, variant: str) -> tuple[str, str, str]:
+    """(artifact path, concrete variant, its file's sha256) as chosen on this machine: every replica then runs the same
     variant, even on a cluster whose nodes would each pick differently for "auto"."""
     from .embedder import artifact_or_export, this_machine
     from .selection import choose_variant
@@ -98,7 +99,7 @@ def resolve_variant(artifact: str, variant: str) -> tuple[str, str]:
     name = choose_variant(chosen.variants, variant, "cpu", this_machine(1, "cpu"), chosen.path)
     chosen.check_variant(name)
     chosen.check_tokenizer()
-    return str(chosen.path), name
+    return str(chosen.path), name, chosen.variants[name].sha256
 
 
 def embed_dataset(ds, artifact: str, *, variant: str = "auto", text_column: str = "text", id_column: str = "id",
@@ -121,7 +122,7 @@ def embed_dataset(ds, artifact: str, *, variant: str = "auto", text_column: str 
             raise CoromError(f"the dataset has no column {column!r} (columns: {', '.join(names)})")
     id_field_type = ds.schema().base_schema.field(id_column).type
     id_type = "int" if pa.types.is_integer(id_field_type) else "str"
-    path, concrete = resolve_variant(artifact, variant)
+    path, concrete, _ = resolve_variant(artifact, variant)
     return ds.map_batches(
         EmbedActor, batch_size=batch_rows, batch_format="pyarrow",
         fn_constructor_kwargs=dict(artifact=path, variant=concrete, threads=threads_per_actor, batch_size=batch_size,
@@ -170,8 +171,8 @@ def run_ray(options: BulkOptions, ray_options: RayOptions, artifact: str, varian
     ray = import_ray()
     started = time.perf_counter()
     fmt, found, fingerprint = checked_input(options)
-    path, concrete = resolve_variant(artifact, variant)
-    record = job_record(options, fmt, fingerprint, found, path, concrete)
+    path, concrete, sha = resolve_variant(artifact, variant)
+    record = job_record(options, fmt, fingerprint, found, path, concrete, sha)
     record["engine"] = "ray"
     prepare_output(options, record)
 
@@ -205,5 +206,5 @@ def run_ray(options: BulkOptions, ray_options: RayOptions, artifact: str, varian
                           model=Path(path).name, variant=concrete, engine="ray")
     if rows != found.rows:
         raise CoromError(f"the Ray job wrote {rows} rows for {found.rows} input rows; {options.output} is incomplete")
-    (options.output / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2), encoding="utf-8")
+    write_json(options.output / SUMMARY_FILE, summary.to_dict())
     return summary

@@ -18,8 +18,9 @@ import logging
 import math
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from starlette.applications import Starlette
@@ -30,10 +31,13 @@ from starlette.routing import Route
 
 from .dynamic_batcher import BatcherSettings, DynamicBatcher
 from .embedder import Embedder
+from .errors import InvalidInputError
 from .http_errors import HTTPError, error_response, from_exception
 from .http_guard import LOOPBACK_HOSTS, GuardSettings, RequestGuard
 
 log = logging.getLogger(__name__)
+
+INTERNAL_ERRORS = "corom_http_internal_errors_total"
 
 
 @dataclass(frozen=True)
@@ -56,24 +60,44 @@ class ServerSettings:
         for name in ("max_items", "max_body_bytes", "max_connections", "max_header_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"server setting {name} must be a whole number of at least 1, got {value!r}")
+                raise InvalidInputError(f"server setting {name} must be a whole number of at least 1, got {value!r}")
         for name in ("body_timeout_s", "header_timeout_s", "drain_s"):
             value = getattr(self, name)
             if value is None and name == "drain_s":
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or not 0 < value <= 3600:
-                raise ValueError(f"server setting {name} must be a number of seconds in (0, 3600], got {value!r}")
+                raise InvalidInputError(f"server setting {name} must be a number of seconds in (0, 3600], got {value!r}")
+        if self.max_items > self.batcher.max_queue:
+            raise InvalidInputError(f"--max-items {self.max_items} exceeds --max-queue {self.batcher.max_queue}: a "
+                                    "request that large could never be queued; lower --max-items or raise --max-queue")
 
 
-async def _json(request: Request) -> Any:
-    body = await request.body()
+# Work on the event loop stalls every other request and /health: four clients posting 256-text
+# bodies kept a /health probe waiting up to 2.5 s. Past these sizes, parsing, tokenizing and
+# encoding run in a worker thread; below them the hop would cost more than the work.
+OFFLOAD_BODY_BYTES = 16 * 1024
+OFFLOAD_TEXT_CHARS = 8 * 1024
+OFFLOAD_FLOATS = 16 * 1024
+
+
+def _parse(body: bytes) -> Any:
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, and ints of over 4,300 digits
         raise HTTPError(400, f"malformed JSON body: {str(exc)[:200]}") from exc
     except RecursionError as exc:
         raise HTTPError(400, "malformed JSON body: nested too deeply") from exc
+
+
+async def _json(request: Request) -> Any:
+    body = await request.body()
+    return await asyncio.to_thread(_parse, body) if len(body) > OFFLOAD_BODY_BYTES else _parse(body)
+
+
+async def _respond(build: Callable[[], Response], floats: int) -> Response:
+    """`build()` renders the JSON body; a large one is rendered off the event loop."""
+    return await asyncio.to_thread(build) if floats > OFFLOAD_FLOATS else build()
 
 
 def _texts(value: Any, field_name: str, max_items: int, allow_empty: bool = False) -> list[str]:
@@ -148,7 +172,9 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
     async def embed_texts(request: Request, texts: list[str]) -> tuple[np.ndarray, int]:
         """Embeddings through the batcher, and how many tokens the model saw. A client that goes
         away while its request is queued has it dropped before inference."""
-        ticket = batcher().submit(texts)
+        queue = batcher()
+        heavy = sum(len(t) for t in texts) > OFFLOAD_TEXT_CHARS  # tokenizing happens in submit
+        ticket = await asyncio.to_thread(queue.submit, texts) if heavy else queue.submit(texts)
         result = asyncio.wrap_future(ticket.future)
         # a forced exit fails it after its handler is gone: retrieve the error so it is not logged as lost
         result.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -173,9 +199,12 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
                 log.info("client %s went away before its answer", request.client)
                 return Response(status_code=499)
             except Exception as exc:  # noqa: BLE001 - every error leaves as the one JSON shape
-                error = from_exception(exc)
-                if error.status >= 500 and error.status != 503:
-                    log.exception("internal error on %s", request.url.path)
+                request_id = uuid.uuid4().hex[:16]
+                error = from_exception(exc, request_id)
+                if error.status == 500:
+                    log.error("internal error on %s (request id %s)", request.url.path, request_id, exc_info=exc)
+                    if state["batcher"] is not None:
+                        state["batcher"].metrics.inc(INTERNAL_ERRORS)
                 return error_response(error.status, error.message, error.kind, error.headers)
         return wrapped
 
@@ -193,12 +222,15 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
             raise HTTPError(400, f"this model's embeddings have {embedder.dim} dimensions; 'dimensions' cannot change that")
         _echo(body.get("user"), "user")
         emb, tokens = await embed_texts(request, texts)
-        data = []
-        for i, row in enumerate(emb):
-            value: Any = base64.b64encode(row.astype("<f4").tobytes()).decode() if fmt == "base64" else row.tolist()
-            data.append({"object": "embedding", "index": i, "embedding": value})
-        return JSONResponse({"object": "list", "data": data, "model": model or embedder.info.model,
-                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+        def build() -> Response:
+            data = []
+            for i, row in enumerate(emb):
+                value: Any = base64.b64encode(row.astype("<f4").tobytes()).decode() if fmt == "base64" else row.tolist()
+                data.append({"object": "embedding", "index": i, "embedding": value})
+            return JSONResponse({"object": "list", "data": data, "model": model or embedder.info.model,
+                                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        return await _respond(build, emb.size)
 
     async def embed(request: Request) -> Response:
         body = await _json(request)
@@ -206,7 +238,7 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
             raise HTTPError(400, "body must be a JSON object with 'inputs' (a string or a list of strings)")
         texts = _with_prompt(embedder, body, _texts(body["inputs"], "inputs", settings.max_items))
         emb, _ = await embed_texts(request, texts)
-        return JSONResponse(emb.tolist())
+        return await _respond(lambda: JSONResponse(emb.tolist()), emb.size)
 
     async def similarity(request: Request) -> Response:
         body = await _json(request)
@@ -219,7 +251,7 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
                          allow_empty=True)
         emb, _ = await embed_texts(request, source + compare)
         scores = embedder.similarity(emb[:1], emb[1:])[0].tolist() if compare else []
-        return JSONResponse({"text_embedding": emb.tolist(), "scores": scores})
+        return await _respond(lambda: JSONResponse({"text_embedding": emb.tolist(), "scores": scores}), emb.size)
 
     async def health(request: Request) -> Response:
         b = state["batcher"]
@@ -245,6 +277,7 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
     async def lifespan(app):
         state["rate"] = measure_rate(embedder)
         state["batcher"] = DynamicBatcher(embedder, settings.batcher)
+        state["batcher"].metrics.counter(INTERNAL_ERRORS, "requests answered 500: a bug, logged with its request id")
         state["ready"] = True
         log.info("serving %s (%s on %s, %.0f long texts/s)", embedder.info.model, embedder.variant,
                  embedder.info.device, state["rate"])

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from .errors import ArtifactError
 from .manifest import VariantEntry
-from .providers import SessionSettings, provider_list, session_options
+from .providers import PROVIDER_OF, SessionSettings, provider_list, session_options
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,11 @@ def open_session(entry: VariantEntry, model_path: Path, device: str, settings: S
     return ORTSession(model_path, device, settings, entry.sha256, max_length)
 
 
+def device_of_provider(provider: str) -> str:
+    """Our device name for an ONNX Runtime provider name ("cpu" for any provider we do not drive). Pure."""
+    return next((device for device, name in PROVIDER_OF.items() if name == provider), "cpu")
+
+
 class ORTSession:
     """Runs the sentence-embedding graph on ONNX Runtime. Thread-safe: ONNX Runtime's `run` may be called concurrently."""
 
@@ -84,6 +89,9 @@ class ORTSession:
             ) from exc
         self.inputs = check_inputs([i.name for i in self._session.get_inputs()], model_path)
         self.providers = self._session.get_providers()
+        # onnxruntime-gpu lists CUDA/TensorRT whether or not they can run here, and silently falls back
+        # to the CPU when they cannot: the device is the one whose provider ORT really put first
+        self.device = device_of_provider(self.providers[0] if self.providers else "")
         # IO binding on GPUs: inputs go to the device once, the output is written straight into host
         # memory ORT allocates; no intermediate tensor is copied back.
         self._bind = device in ("cuda", "tensorrt") and self.providers[0] != "CPUExecutionProvider"

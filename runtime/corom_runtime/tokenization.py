@@ -12,6 +12,8 @@ from typing import Sequence
 
 from tokenizers import Encoding, Tokenizer
 
+from .errors import InvalidInputTypeError
+
 # A text is read up to this many characters per token of max length: far beyond real text (about 4-5
 # characters per token), it bounds the work and memory a 1 MB input can cost.
 CHARS_PER_TOKEN_CAP = 32
@@ -34,14 +36,14 @@ def check_texts(texts: Sequence[object], start: int = 0) -> list[str]:
     """Return `texts` as a list of str, or raise `TypeError` naming the first non-string item
     (its index counted from `start`, for a window of a longer stream)."""
     if isinstance(texts, (str, bytes)):
-        raise TypeError("texts must be a list of strings, not a single string: wrap it as [text]")
+        raise InvalidInputTypeError("texts must be a list of strings, not a single string: wrap it as [text]")
     if texts is None or isinstance(texts, (dict, set, frozenset)) or not hasattr(texts, "__iter__"):
         # a dict would silently embed its keys, a set in no defined order
-        raise TypeError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
+        raise InvalidInputTypeError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
     out = list(texts)
     for index, text in enumerate(out):
         if not isinstance(text, str):
-            raise TypeError(f"texts[{start + index}] is {type(text).__name__}, not str: every item must be a string")
+            raise InvalidInputTypeError(f"texts[{start + index}] is {type(text).__name__}, not str: every item must be a string")
     return out
 
 
