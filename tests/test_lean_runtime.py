@@ -70,3 +70,59 @@ Embedder.load({str(bundled_artifact)!r}, variant="int8").encode(["x"])
 print("OV:", sorted(m for m in sys.modules if m.split(".")[0] in ("openvino", "nncf")))
 """)
     assert "OV: []" in out, out
+
+
+def _runtime_imports() -> dict[str, set[str]]:
+    """Every runtime module's imports (lazy ones inside functions included), as module names."""
+    import ast
+
+    package = ROOT / "runtime" / "corom_runtime"
+    graph: dict[str, set[str]] = {}
+    for path in package.rglob("*.py"):
+        name = ".".join(path.relative_to(package.parent).with_suffix("").parts).removesuffix(".__init__")
+        base = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    anchor = base.rsplit(".", node.level - 1)[0] if node.level > 1 else base
+                    module = f"{anchor}.{node.module}" if node.module else anchor
+                    deps |= {module} if node.module else {f"{anchor}.{a.name}" for a in node.names}
+                else:
+                    deps.add(node.module or "")
+        graph[name] = deps
+    return graph
+
+
+def test_the_runtime_never_names_the_exporter():
+    """Export on first use and `corom export` reach the exporter through its entry point only."""
+    for module, deps in _runtime_imports().items():
+        assert not any(d.split(".")[0] == "corom_export" for d in deps), (module, deps)
+    for path in (ROOT / "runtime" / "corom_runtime").rglob("*.py"):
+        code = [line for line in path.read_text().splitlines() if not line.strip().startswith("#")]
+        assert not any("import" in line and "corom_export" in line for line in code), path.name
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["entry-points"]["corom_onnx.exporter"] == {"corom_export": "corom_export.hooks"}
+
+
+def test_runtime_modules_import_each_other_without_cycles():
+    graph = {m: {d for d in deps if d.startswith("corom_runtime")} for m, deps in _runtime_imports().items()}
+    graph = {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for dep in sorted(graph[module]):
+            if dep == "corom_runtime":  # the package's re-exports, imported by users, not by modules
+                continue
+            assert state.get(dep) != 1, "import cycle: " + " -> ".join(path + [dep])
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert len(graph) >= 20

@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from .engines import DEVICES, INT8_RECIPES, VARIANTS, device_names, variant_names
+from .exporter import require_exporter
 from .errors import CoromError
 from .corpus_io import INPUT_FORMATS, OUTPUT_FORMATS, describe, input_format, read_rows, row_problem
 from .presets import artifact_dir, cache_root, find_preset, list_presets, load_preset
 
 DEFAULT_MODEL = "all-minilm-l6-v2"
-EXPORT_HINT = ("the exporter is not installed: install the CPU torch first, then "
-               "`pip install 'corom-onnx[export]'` (see README)")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -181,40 +180,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_module(name: str):
-    try:
-        return __import__(f"corom_export.{name}", fromlist=[name])
-    except ImportError as exc:
-        missing = getattr(exc, "name", "") or ""
-        if missing.split(".")[0] in ("torch", "transformers", "onnx", "corom_export", "safetensors"):
-            raise CoromError(f"{EXPORT_HINT} ({exc})") from exc
-        raise
-
-
 def cmd_export(args: argparse.Namespace) -> int:
-    build = _export_module("build")
-    verify = _export_module("verify")
-    name = find_preset(args.model_source) or args.preset or Path(args.model_source).name
-    out = Path(args.out) if args.out else artifact_dir(find_preset(name) or name)
-    options = build.ExportOptions(pooling=args.pooling, normalize=args.normalize, score=args.score,
-                                  max_length=args.max_length, int8_recipe=args.int8_recipe,
-                                  int8_static=args.int8_static, openvino=not args.no_openvino, force=args.force,
-                                  preset=args.preset)
-    build.export_artifact(args.model_source, out, options)
-    if args.no_verify:
-        print(f"exported to {out} (not verified: no variant is marked passed; run `corom verify {out}`)")
-        return 0
-    return _report(verify.verify_artifact(out, n_queries=args.queries, n_passages=args.passages,
-                                          threads=args.threads), args.json)
+    return require_exporter().cli_export(args)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     if args.here:
         return _verify_here(args)
-    verify = _export_module("verify")
-    report = verify.verify_artifact(Path(args.artifact), n_queries=args.queries, n_passages=args.passages,
-                                    variants=args.variants, stsb=not args.no_stsb, threads=args.threads)
-    return _report(report, args.json)
+    return require_exporter().cli_verify(args)
 
 
 def _verify_here(args: argparse.Namespace) -> int:
@@ -248,20 +221,6 @@ def _verify_here(args: argparse.Namespace) -> int:
                   f"{'; '.join(row.get('failures') or [])}")
         print(f"auto serves {auto} on this CPU" if auto else f"no variant passes here: {why}")
     return 0 if auto else 1
-
-
-def _report(report, as_json: bool) -> int:
-    if as_json:
-        print(json.dumps({
-            "artifact": str(report.artifact), "passed": report.passed,
-            "reference_stsb": report.reference_stsb,
-            "variants": {r.variant: {"passed": r.passed, "failures": r.failures, "stsb_spearman": r.stsb_spearman,
-                                     **(r.parity.to_dict() if r.parity else {})} for r in report.results},
-        }, indent=2))
-    else:
-        print(report.table())
-        print("all variants passed their gates" if report.passed else "SOME VARIANTS FAILED their gates")
-    return 0 if report.passed else 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import logging
 from dataclasses import asdict, dataclass, field, replace
@@ -16,6 +15,7 @@ from .batching import pad_batch, plan_batches
 from .cpu_check import (CheckResult, CheckSet, Platform, cache_key, canned_failures, check_gate, matching_record,
                         read_cached, run_check, timed, write_cached)
 from .engines import ENGINES, engine_installed, gate_of
+from .exporter import find_exporter
 from .errors import (ArtifactError, InvalidInputError, InvalidInputTypeError, MissingArtifactError,
                      ProviderUnavailableError, VariantRejectedError)
 from .presets import artifact_dir, cache_lock, cache_root
@@ -421,12 +421,9 @@ def artifact_or_export(path_or_preset: str | Path, export_missing: bool) -> Arti
     try:
         return load_artifact(path_or_preset)
     except MissingArtifactError as missing:
-        if not export_missing or importlib.util.find_spec("corom_export") is None \
-                or importlib.util.find_spec("torch") is None:
+        exporter = find_exporter() if export_missing else None  # registered by the exporter: torch, only there
+        if exporter is None:
             raise
-        from corom_export.build import ExportOptions, export_artifact  # the exporter: torch, only here
-        from corom_export.verify import verify_artifact
-
         out = artifact_dir(missing.preset)
         # two processes loading the same preset from an empty cache: one exports, the other waits and reads
         with cache_lock(f"export-{missing.preset}"):
@@ -435,8 +432,7 @@ def artifact_or_export(path_or_preset: str | Path, export_missing: bool) -> Arti
             except MissingArtifactError:
                 pass
             log.warning("exporting preset %s into %s (first use; this takes minutes)", missing.preset, out)
-            export_artifact(missing.preset, out, ExportOptions())
-            verify_artifact(out)
+            exporter.export_preset(missing.preset, out)
         return load_artifact(out)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from .engines import ENGINES
 from .errors import ArtifactError, ProviderUnavailableError
 from .providers import SessionSettings
-from .session import OUTPUT, build_feed, check_inputs
+from .engine_base import OUTPUT, build_feed, check_inputs
 
 log = logging.getLogger(__name__)
 
