@@ -154,3 +154,34 @@ def test_cpu_speeds_do_not_rank_gpu_variants():
     gpu = Machine(("cuda", "cpu"), frozenset({"onnxruntime"}), "EPYC", 2)
     assert choose_variant(variants, "auto", "cuda", gpu, ART) == "fp16"
     assert choose_variant(variants, "auto", "cpu", gpu, ART) == "opt"
+
+
+def test_every_cli_default_is_its_settings_default():
+    """The CLI's defaults are the settings dataclasses' defaults: one value, not two that can drift."""
+    import dataclasses
+
+    from corom_runtime.bulk import BulkOptions
+    from corom_runtime.dynamic_batcher import BatcherSettings
+    from corom_runtime.ray_bulk import RayOptions
+    from corom_runtime.server import ServerSettings
+
+    sub = build_parser()._subparsers._group_actions[0].choices
+    defaults = {name: {a.dest: a.default for a in parser._actions} for name, parser in sub.items()}
+
+    def field_defaults(cls) -> dict:
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+    pairs = [
+        ("embed", BulkOptions, {"text_field": "text_field", "id_field": "id_field", "format": "output_format",
+                                "shard_size": "shard_size", "batch_size": "batch_size", "prompt_name": "prompt_name"}),
+        ("embed", RayOptions, {"address": "address", "actors": "actors", "threads_per_actor": "threads_per_actor"}),
+        ("serve", BatcherSettings, {"max_batch_size": "max_batch_size", "max_batch_tokens": "max_batch_tokens",
+                                    "max_wait_ms": "max_wait_ms", "max_queue": "max_queue"}),
+        ("serve", ServerSettings, {"max_items": "max_items", "max_body_bytes": "max_body_bytes",
+                                   "body_timeout": "body_timeout_s", "header_timeout": "header_timeout_s",
+                                   "max_connections": "max_connections", "drain_seconds": "drain_s"}),
+    ]
+    for command, cls, mapping in pairs:
+        expected = field_defaults(cls)
+        for dest, field in mapping.items():
+            assert defaults[command][dest] == expected[field], (command, dest, cls.__name__, field)

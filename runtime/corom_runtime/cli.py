@@ -17,7 +17,7 @@ from .engines import DEVICES, INT8_RECIPES, VARIANTS, device_names, variant_name
 from .exporter import require_exporter
 from .errors import CoromError
 from .corpus_io import INPUT_FORMATS, OUTPUT_FORMATS, describe, input_format, read_rows, row_problem
-from .presets import artifact_dir, cache_root, find_preset, list_presets, load_preset
+from .presets import artifact_dir, cache_root, list_presets, load_preset
 
 DEFAULT_MODEL = "all-minilm-l6-v2"
 
@@ -253,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="export a checkpoint folder with this preset's settings and prompts "
                                     "(e.g. a preset's model downloaded on another machine)")
     p.add_argument("--out", help="artifact folder to write (default: the user cache, artifacts/NAME)")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it is an artifact `corom export` wrote (its manifest names every file "
+                        "in it): built beside it, then swapped in; any other folder is refused")
     p.add_argument("--pooling", choices=["cls", "mean"], help="override the preset's pooling")
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                    help="override L2 normalisation of the embedding")
@@ -307,7 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows per shard (default 50,000: ~75 MB of 384-d vectors); memory is bounded by one shard")
     p.add_argument("--resume", action="store_true",
                    help="continue a job in --output: finished shards are kept, the rest embedded (same input and settings)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --output folder")
+    p.add_argument("--force", action="store_true",
+                   help="start over in an --output folder an earlier `corom embed` wrote (it holds _job.json): its "
+                        "shards and job files are replaced, nothing else in it is touched; any other non-empty "
+                        "folder is refused")
     p.add_argument("--skip-bad", action="store_true",
                    help="leave out rows with missing/empty/non-string text (counted); default: list them and stop "
                         "before writing anything")

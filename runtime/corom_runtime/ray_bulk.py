@@ -9,7 +9,6 @@ single-machine path (`corpus_io.arrow_table`). `ray` is imported only here (the 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
