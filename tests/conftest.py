@@ -43,6 +43,13 @@ def corom_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The CoROM layout at a tiny size (2 layers, width 64): for tests of plumbing, not of fidelity."""
+    return write_modelscope_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-corom", num_hidden_layers=2,
+                                       hidden_size=64, intermediate_size=128, num_attention_heads=2)
+
+
+@pytest.fixture(scope="session")
 def corom_artifact(tmp_path_factory, corom_checkpoint) -> Path:
     from corom_export.build import ExportOptions, export_artifact
     from corom_export.verify import verify_artifact

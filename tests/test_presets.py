@@ -34,12 +34,12 @@ def test_hub_download_offline_names_the_offline_alternative(monkeypatch):
         resolve("hf:BAAI/bge-small-en-v1.5")
 
 
-def test_a_missing_preset_is_exported_into_the_cache_on_first_load(corom_checkpoint, tmp_path, monkeypatch, capsys):
+def test_a_missing_preset_is_exported_into_the_cache_on_first_load(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     """A user preset (COROM_PRESETS_DIR) naming a local checkpoint; the cache in a temp folder."""
     presets = tmp_path / "presets"
     presets.mkdir()
     (presets / "tiny-corom.json").write_text(json.dumps({
-        "source": str(corom_checkpoint), "pooling": "cls", "normalize": False, "score": "dot", "max_length": 64,
+        "source": str(tiny_checkpoint), "pooling": "cls", "normalize": False, "score": "dot", "max_length": 64,
         "prompts": {"query": "q: "}}))
     monkeypatch.setenv("COROM_PRESETS_DIR", str(presets))
     monkeypatch.setenv("COROM_CACHE_DIR", str(tmp_path / "cache"))
