@@ -10,9 +10,7 @@ on the event loop) a probe waited up to 2.5 s. Bounded in time; loopback only.
 from __future__ import annotations
 
 import argparse
-import json
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -26,7 +24,8 @@ from corom_export.corpus import workload_corpus
 from corom_runtime.presets import build_dir
 
 from .hardware import describe
-from .run import RESULTS, ROOT
+from .run import RESULTS
+from .served import start_server, write_result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,17 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     passages = workload_corpus("long", n_queries=0, n_passages=2000).passages
     body = {"inputs": passages[:256]}
-    proc = subprocess.Popen([sys.executable, "-m", "corom_runtime.cli", "serve", "--model", args.artifact,
-                             "--port", str(args.port), "--max-items", "256", "--max-body-bytes", str(4 << 20)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{args.port}"
+    proc, url = start_server(["--model", args.artifact, "--max-items", "256", "--max-body-bytes", str(4 << 20)],
+                             args.port)
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
         stop = time.time() + args.seconds
         answered = [0]
 
@@ -81,16 +72,11 @@ def main(argv: list[str] | None = None) -> int:
               "big_requests_answered": answered[0], "probes": len(probes),
               "health_ms": {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
                             "max": float(ms.max())}}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    (out / f"health-probe-{stamp}.json").write_text(json.dumps(result, indent=2))
     h = result["health_ms"]
     summary = (f"/health under {args.clients} clients posting 256-text bodies for {args.seconds:g} s "
                f"({result['hardware']['cpu']}): {len(probes)} probes, p50 {h['p50']:.1f} ms, p99 {h['p99']:.1f} ms, "
                f"max {h['max']:.1f} ms; {answered[0]} big requests answered\n")
-    (out / "latest-health-probe.md").write_text(summary)
-    print(summary)
+    write_result(Path(args.out), "health-probe", result, summary)
     return 0
 
 

@@ -9,10 +9,8 @@ Markdown summary. Bounded in count and time; loopback only.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -24,7 +22,8 @@ import httpx
 from corom_export.corpus import workload_corpus
 from corom_runtime.presets import build_dir
 
-from .run import RESULTS, ROOT
+from .run import RESULTS
+from .served import start_server, write_result
 
 
 def rss_mb(pid: int) -> float:
@@ -55,15 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     texts = workload_corpus("long", n_queries=200, n_passages=2000)
     pool = texts.queries + texts.passages
-    proc = subprocess.Popen([sys.executable, "-m", "corom_runtime.cli", "serve", "--model", args.artifact,
-                             "--variant", args.variant, "--port", str(args.port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{args.port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
+    proc, url = start_server(["--model", args.artifact, "--variant", args.variant], args.port)
     duration = args.minutes * 60
     start = time.time()
     counts = {"ok": 0, "client_error": 0, "other": 0}
@@ -103,17 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         "counters_exact": served == counts["ok"], "rss_samples": samples,
         "rss_growth_from_minute_5": growth(samples, 300.0), "exit_code": exit_code,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    (out / f"soak-{stamp}.json").write_text(json.dumps(result, indent=2))
     g = result["rss_growth_from_minute_5"]
     summary = (f"Soak {args.minutes:g} min, {args.clients} clients: {counts['ok']} answered 200, "
                f"{counts['client_error']} bad requests answered 4xx, {counts['other']} other; server counted "
                f"{served:.0f} (exact: {result['counters_exact']}); RSS {samples[0][1]:.0f} -> {samples[-1][1]:.0f} MB, "
                f"growth from minute 5: {'-' if g is None else f'{g:.2%}'}; exit {exit_code}\n")
-    (out / "latest-soak.md").write_text(summary)
-    print(summary)
+    write_result(Path(args.out), "soak", result, summary)
     return 0 if result["counters_exact"] and counts["other"] == 0 and exit_code == 0 else 1
 
 

@@ -1,0 +1,39 @@
+"""What the server benchmarks share: a real `corom serve` process on loopback, and where results go."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+
+from .run import ROOT
+
+
+def start_server(serve_args: list[str], port: int) -> tuple[subprocess.Popen, str]:
+    """`corom serve ARGS --port PORT` in its own process; returns it and its URL once /health answers."""
+    proc = subprocess.Popen([sys.executable, "-m", "corom_runtime.cli", "serve", *serve_args, "--port", str(port)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    return proc, url
+
+
+def write_result(out: Path, kind: str, result: dict, summary: str) -> Path:
+    """`KIND-STAMP.json` (the whole record) and `latest-KIND.md` (the one-line summary) in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = out / f"{kind}-{stamp}.json"
+    path.write_text(json.dumps(result, indent=2))
+    (out / f"latest-{kind}.md").write_text(summary)
+    print(summary)
+    return path
