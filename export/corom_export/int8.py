@@ -4,26 +4,11 @@ The default recipe, "nbits8", stores the MatMul weights (attention output, FFN i
 blocks of 32 (ONNX Runtime's MatMulNBits) and quantizes activations per token and block at run time
 (accuracy level 4): no scale is shared across the batch, so a text's vector does not depend on its
 batch mates, and no calibration range can be exceeded by an outlier. Measured on the parity corpus
-(README, "Choosing a variant"). The dynamic recipes below are kept as options.
+(README, "Parity"). The dynamic recipes below are kept as options.
 
-Measured earlier on all-MiniLM-L6-v2 against the PyTorch reference (2,000 docstring passages, 200 queries,
-onnxruntime 1.32 CPU; see the manifest for the figures of each export):
-
-| what is quantized (dynamic, per-channel s8 weights)     | min cos | top-10 agreement |
-| ------------------------------------------------------- | ------- | ---------------- |
-| everything (what the peers ship)                         | 0.964   | 0.881            |
-| all but the FFN output projections                       | 0.972   | 0.918            |
-| attention-out + FFN-in, attention kept fp32              | 0.982   | 0.924            |
-| attention (QKV) + attention-out, FFN kept fp32 (default) | 0.992   | 0.956            |
-| "smooth": FFN-in rescaled (SmoothQuant, alpha 0.7) and    | 0.990   | 0.949            |
-|  quantized too, only the FFN output projections fp32      |         |                  |
-
-Speed of the int8 graph alone (2,000 passages, sorted, batch 32, 2 threads): everything 483/s,
-smooth 349/s, attention 274/s; the fused fp32 graph ~185/s.
-
-The FFN input projections read LayerNorm outputs with a few huge outlier channels and the FFN
-output projections read GELU outputs with outliers too: a per-tensor activation scale cannot
-represent both the outliers and the rest, so those MatMuls stay fp32 in the default recipe.
+The FFN inputs read LayerNorm outputs, and the FFN outputs GELU outputs, with a few huge outlier
+channels: a per-tensor (per-batch) activation scale cannot hold both the outliers and the rest, which
+is why the dynamic recipes keep some FFN MatMuls in fp32. Measurements: docs/decisions.md.
 """
 
 from __future__ import annotations
@@ -41,8 +26,8 @@ from corom_runtime.engines import INT8_RECIPES as RECIPES
 
 log = logging.getLogger(__name__)
 
-NBITS_BLOCK = 32  # measured: block 32 min cos 0.999 / top-10 0.985; block 128 0.997 / 0.973 (too close to the gate)
-SMOOTH_ALPHA = 0.7  # measured best of 0.3/0.5/0.7/0.85 on all-MiniLM-L6-v2
+NBITS_BLOCK = 32  # block 128 sat too close to the top-10 gate (docs/decisions.md)
+SMOOTH_ALPHA = 0.7  # the best of 0.3/0.5/0.7/0.85 measured (docs/decisions.md)
 
 
 def excluded_nodes(model: onnx.ModelProto, recipe: str, hidden: int, intermediate: int) -> list[str]:

@@ -38,9 +38,8 @@ class BatcherSettings:
     max_batch_size: int = 32
     max_batch_tokens: int = 8192
     # 0 = greedy: when the worker is free it takes whatever is queued; requests that arrive during an
-    # inference form the next batch. Measured on 2 CPU cores, int8 MiniLM, 1/8/32 clients: 294/348/309
-    # req/s with 0 ms against 178/328/280 with 2 ms. A positive value makes a free worker linger for
-    # fuller batches, which pays where a batch costs little more than one input (GPUs).
+    # inference form the next batch (faster on CPUs: docs/decisions.md). A positive value makes a free
+    # worker linger for fuller batches, which pays where a batch costs little more than one input (GPUs).
     max_wait_ms: float = 0.0
     max_queue: int = 4096  # texts waiting, across all entries
 

@@ -22,11 +22,10 @@ log = logging.getLogger(__name__)
 
 OV_DEVICE = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU"}
 OV_SHAPE_CACHE = 64
-# oneDNN (inside OpenVINO's CPU plugin) caches one compiled primitive per layer and input shape, up to
-# 1,024 by default, process-wide. Under a server's ever-changing (batch, length) shapes that cache kept
-# filling for ~15 minutes: RSS 381 -> 472 MB from minute 5 to 24 of a soak. At 64 the same soak's RSS
-# was flat from its first minute (330 MB) and it served more requests per second. Read once, when the
-# plugin loads: set before OpenVINO is imported; an explicit ONEDNN_PRIMITIVE_CACHE_CAPACITY wins.
+# oneDNN (inside OpenVINO's CPU plugin) caches one compiled primitive per layer and input shape
+# process-wide (1,024 by default): under a server's changing shapes its RSS kept growing (figures in
+# docs/decisions.md). Read once, when the plugin loads: set before OpenVINO is imported; an explicit
+# ONEDNN_PRIMITIVE_CACHE_CAPACITY wins.
 ONEDNN_PRIMITIVE_CACHE = 64
 OV_PRECISION = {"bf16": "bf16", "fp16": "f16", "fp32": "f32", "int8": "bf16"}
 
@@ -65,10 +64,8 @@ def compile_config(device: str, precision: str, settings: SessionSettings, capab
             wanted = "f32"
         config.update({"INFERENCE_NUM_THREADS": settings.resolved_threads(), "NUM_STREAMS": 1,
                        "INFERENCE_PRECISION_HINT": wanted,
-                       # the CPU plugin keeps compiled kernels per input shape, 5,000 by default: with
-                       # dynamic batch x length a server's RSS grew 258 -> 666 MB in 19 minutes (1,500
-                       # random shapes: 1.9 GB). 64 keeps the hot shapes and bounds it (measured: same
-                       # speed, RSS flat after warm-up).
+                       # the CPU plugin keeps compiled kernels per input shape (5,000 by default):
+                       # bounded, or a server's memory grows with the shapes it meets (docs/decisions.md)
                        "CPU_RUNTIME_CACHE_CAPACITY": OV_SHAPE_CACHE})
     elif precision in ("fp32",):
         config["INFERENCE_PRECISION_HINT"] = "f32"

@@ -42,8 +42,8 @@ class SessionSettings:
     trt_max_batch: int = 64
     trt_opt_batch: int = 32
     trt_workspace_bytes: int = 4 << 30
-    # Idle intra-op threads spin before sleeping. Measured on 2 cores (int8, MiniLM): single-query
-    # p50 2.07 ms with spinning, 2.74 ms without; turn it off where other work must share the CPUs.
+    # Idle intra-op threads spin before sleeping: quicker single queries (docs/decisions.md); turn it
+    # off where other work must share the CPUs.
     spin: bool = True
 
     def resolved_threads(self) -> int:
