@@ -132,16 +132,15 @@ def measure_speeds(embedders: dict[str, Embedder], items: list[TokenizedText], r
 
 
 def write_check_set(folder: Path, texts: list[str], n_queries: int, reference: np.ndarray,
-                    worst: np.ndarray) -> tuple[dict, list[int], int]:
+                    worst: np.ndarray) -> dict:
     """The artifact's load-time check set (`corom_runtime.cpu_check`): queries, the hardest passages
     (lowest cosine any variant reached here) and a random spread, with the reference's vectors.
-    Returns the manifest's record, the rows picked and how many of them are queries."""
+    Returns the manifest's record of it."""
     queries, passages = pick_check_texts(n_queries, worst)
     rows = queries + passages
     CheckSet(texts=[texts[i] for i in rows], n_queries=len(queries), vectors=reference[rows]).write(folder / CHECK_FILE)
-    record = {"file": CHECK_FILE, "sha256": sha256_file(folder / CHECK_FILE), "texts": len(rows),
-              "queries": len(queries)}
-    return record, rows, len(queries)
+    return {"file": CHECK_FILE, "sha256": sha256_file(folder / CHECK_FILE), "texts": len(rows),
+            "queries": len(queries)}
 
 
 def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, variants: list[str] | None = None,
@@ -167,7 +166,6 @@ def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, va
     report = VerifyReport(artifact=artifact.path)
     worst = np.ones(len(items), dtype=np.float32)  # per text, the lowest cosine any variant reached
     embedders: dict[str, Embedder] = {}
-    candidates: dict[str, np.ndarray] = {}
     platforms: dict[str, Platform] = {}
     pairs = None
     stsb_dir = find_stsb() if stsb else None
@@ -195,7 +193,6 @@ def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, va
             report.results.append(VariantResult(name, None, gate, "-", [f"cannot run on the CPU: {exc}"]))
             continue
         candidate = embedder.embed_tokenized(items)
-        candidates[name] = candidate
         worst = np.minimum(worst, cosine_rows(reference, np.nan_to_num(candidate)))
         parity = replace(compare(reference, candidate, n_queries, artifact.score),
                          batch_invariance=measure_batch_invariance(embedder, items[n_queries:]))
@@ -235,11 +232,16 @@ def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, va
                                           "min_cosine": r.parity.min_cosine if r.parity else None,
                                           "top10_agreement": r.parity.top10_agreement if r.parity else None,
                                           "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        if platforms:
-            manifest.check, rows, n_check_queries = write_check_set(artifact.path, texts, n_queries, reference, worst)
-            for name, candidate in candidates.items():  # what the load-time check compares top-10 with
+        if platforms and (variants is None or not manifest.check):
+            # a full run picks the check set anew; a run over some variants keeps the one the others'
+            # figures refer to
+            manifest.check = write_check_set(artifact.path, texts, n_queries, reference, worst)
+        if manifest.check:
+            check = CheckSet.read(artifact.path / manifest.check["file"])
+            for name, embedder in embedders.items():  # what the load-time check compares top-10 with,
+                vectors = embedder.embed_tokenized(tokenizer.encode(check.texts))  # measured the same way
                 manifest.variants[name].parity["check_top10"] = compare(
-                    reference[rows], candidate[rows], n_check_queries, artifact.score).top10_agreement
+                    check.vectors, vectors, check.n_queries, artifact.score).top10_agreement
         if stsb:  # a run told to skip STSb keeps the figures an earlier run recorded
             manifest.quality = {"stsb_dev_spearman_reference": report.reference_stsb,
                                 "stsb_skipped": report.stsb_skipped}
