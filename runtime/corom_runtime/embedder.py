@@ -190,8 +190,10 @@ class Embedder:
             why = (f"variant {name!r} of {artifact.path} fails its gate on this CPU ({verdict.platform['cpu']}, "
                    f"{verdict.platform['engine']} {verdict.platform['engine_version']}): {'; '.join(verdict.failures)}")
             if variant != "auto":
-                raise VariantRejectedError(f"{why}. It passed where the artifact was verified, not here: choose "
-                                           "another variant (or variant='auto', which falls back by itself)")
+                where = ("it failed when the artifact was verified on this CPU" if verdict.source == "manifest"
+                         else "it passed where the artifact was verified, not here")
+                raise VariantRejectedError(f"{why}. {where[0].upper()}{where[1:]}: choose another variant "
+                                           "(or variant='auto', which falls back by itself)")
             log.warning("%s; trying the next variant", why)
             rejected.append(why)
         else:
