@@ -27,7 +27,7 @@ import numpy as np
 
 from .corpus_io import (OUTPUT_FORMATS, Row, ShardData, describe, file_fingerprint, id_hash, input_format,
                         read_rows, row_problem, shard_path, shard_rows, shard_totals, write_json, write_shard)
-from .errors import CoromError
+from .errors import CoromError, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,7 @@ class BulkOptions:
         if self.output_format not in OUTPUT_FORMATS:
             raise CoromError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}, got {self.output_format!r}")
         for name in ("shard_size", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise CoromError(f"{name} must be a whole number of at least 1, got {value!r}")
+            positive_int(getattr(self, name), name)
         if self.resume and self.force:
             raise CoromError("--resume keeps the finished shards and --force deletes them: give one of the two")
 

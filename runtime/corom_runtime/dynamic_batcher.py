@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from .embedder import Embedder
-from .errors import BatcherClosedError, InvalidInputError, OverloadedError, RequestTooLargeError
+from .errors import BatcherClosedError, InvalidInputError, OverloadedError, RequestTooLargeError, positive_int
 from .metrics import SIZE_BUCKETS, Metrics
 from .tokenization import TokenizedText, check_texts
 
@@ -45,9 +45,7 @@ class BatcherSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_batch_tokens", "max_queue"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidInputError(f"batcher setting {name} must be a whole number of at least 1, got {value!r}")
+            positive_int(getattr(self, name), f"batcher setting {name}")
         wait = self.max_wait_ms
         # inf would make the worker wait forever (and time.sleep(inf) raises); nan never compares true
         if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not math.isfinite(wait) \

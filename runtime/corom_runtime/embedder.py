@@ -17,7 +17,7 @@ from .cpu_check import (CheckResult, CheckSet, Platform, cache_key, canned_failu
 from .engines import ENGINES, engine_installed, gate_of
 from .exporter import find_exporter
 from .errors import (ArtifactError, InvalidInputError, InvalidInputTypeError, MissingArtifactError,
-                     ProviderUnavailableError, VariantRejectedError)
+                     ProviderUnavailableError, VariantRejectedError, positive_int)
 from .presets import artifact_dir, cache_lock, cache_root
 from .providers import SessionSettings, ort_devices
 from .selection import Machine, choose_device, cpu_model, variant_order
@@ -166,8 +166,7 @@ class Embedder:
         artifact = artifact_or_export(path_or_preset, export_missing)
         settings = settings or SessionSettings()
         if threads is not None:
-            if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-                raise InvalidInputError(f"threads must be a whole number of at least 1, got {threads!r}")
+            positive_int(threads, "threads")
             settings = SessionSettings(**{**asdict(settings), "threads": threads})
         machine = this_machine(settings.resolved_threads(), device)
         supported = artifact.variants[variant].devices if variant in artifact.variants else None
@@ -341,10 +340,8 @@ class Embedder:
         """
         if isinstance(texts, (str, bytes)):
             raise InvalidInputTypeError("texts must be an iterable of strings, not a single string: wrap it as [text]")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise InvalidInputError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise InvalidInputError(f"window must be a whole number of at least 1, got {window!r}")
+        positive_int(batch_size, "batch_size")
+        positive_int(window, "window")
         prefix = self.prompt_text(prompt_name, prompt)
         # checked above, before the first next(): a bad argument fails at the call, not later
         return self._windows(iter(texts), batch_size, window, normalize_embeddings, max_batch_tokens, prefix)

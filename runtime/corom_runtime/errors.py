@@ -13,6 +13,18 @@ class InvalidInputTypeError(CoromError, TypeError):
     """A caller passed the wrong type (HTTP 400). Still a `TypeError` for `encode` callers."""
 
 
+def positive_int(value: object, what: str) -> int:
+    """`value` when it is a whole number of at least 1 (a bool is not one), else `InvalidInputError`
+    naming `what`: the one check behind every count a caller or a setting gives.
+
+    >>> positive_int(3, "batch_size")
+    3
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInputError(f"{what} must be a whole number of at least 1, got {value!r}")
+    return value
+
+
 class RequestTooLargeError(InvalidInputError):
     """A request larger than a limit it can never fit in (HTTP 413); retrying cannot help."""
 

@@ -18,7 +18,7 @@ from typing import Any
 from .bulk import SUMMARY_FILE, BulkOptions, BulkSummary, checked_input, job_record, prepare_output
 from .corpus_io import (ShardData, arrow_table, import_pyarrow, read_rows, row_problem, shard_totals, text_problem,
                         write_json)
-from .errors import CoromError
+from .errors import CoromError, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,7 @@ class RayOptions:
 
     def __post_init__(self) -> None:
         for name in ("actors", "threads_per_actor", "batch_rows"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise CoromError(f"{name} must be a whole number of at least 1, got {value!r}")
+            positive_int(getattr(self, name), name)
 
 
 class EmbedActor:

@@ -31,7 +31,7 @@ from starlette.routing import Route
 
 from .dynamic_batcher import BatcherSettings, DynamicBatcher
 from .embedder import Embedder
-from .errors import InvalidInputError
+from .errors import InvalidInputError, positive_int
 from .http_errors import HTTPError, error_response, from_exception
 from .http_guard import LOOPBACK_HOSTS, GuardSettings, RequestGuard
 
@@ -58,9 +58,7 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_items", "max_body_bytes", "max_connections", "max_header_bytes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidInputError(f"server setting {name} must be a whole number of at least 1, got {value!r}")
+            positive_int(getattr(self, name), f"server setting {name}")
         for name in ("body_timeout_s", "header_timeout_s", "drain_s"):
             value = getattr(self, name)
             if value is None and name == "drain_s":
