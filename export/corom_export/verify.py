@@ -19,7 +19,7 @@ import torch
 from corom_runtime import Embedder
 from corom_runtime.artifact import load_artifact, sha256_file
 from corom_runtime.batching import pad_batch, plan_batches
-from corom_runtime.cpu_check import CHECK_FILE, CheckSet, Platform, pick_check_texts
+from corom_runtime.cpu_check import CHECK_FILE, CheckSet, Platform, matching_record, pick_check_texts
 from corom_runtime.engines import VARIANTS, Gate, engine_installed
 from corom_runtime.errors import CoromError
 from corom_runtime.selection import cpu_model
@@ -225,9 +225,7 @@ def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, va
                             "stsb_spearman": r.stsb_spearman}
             if r.variant in platforms:  # the verdict holds for this platform: replace its earlier record
                 here = platforms[r.variant]
-                entry.verified_on = [rec for rec in entry.verified_on
-                                     if rec.get("cpu") != here.cpu or tuple(rec.get("isa") or ()) != here.isa
-                                     or rec.get("engine_version") != here.engine_version]
+                entry.verified_on = [rec for rec in entry.verified_on if matching_record([rec], here) is None]
                 entry.verified_on.append({**here.to_dict(), "passed": r.passed, "failures": r.failures,
                                           "min_cosine": r.parity.min_cosine if r.parity else None,
                                           "top10_agreement": r.parity.top10_agreement if r.parity else None,
