@@ -20,7 +20,9 @@ EXAMPLE_CANDIDATES = [
 
 @pytest.fixture(scope="session")
 def bundled_artifact(tmp_path_factory) -> Path:
-    """The bundled all-MiniLM-L6-v2 exported to every variant and verified (2,000 passages).
+    """The bundled all-MiniLM-L6-v2 exported to every variant and verified on the full parity corpus
+    (the gates `corom export` applies), with a smaller STSb sample and speed pass than the CLI's (those
+    figures' precision is not what the suite tests; they cost a minute).
 
     COROM_TEST_ARTIFACT=models/build/all-minilm-l6-v2 reuses an artifact `make demo` built (a faster
     edit-test loop); CI always exports afresh."""
@@ -33,7 +35,7 @@ def bundled_artifact(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("bundled") / "all-minilm-l6-v2"
     export_artifact("all-minilm-l6-v2", out, ExportOptions())
-    verify_artifact(out)
+    verify_artifact(out, stsb_pairs=500, speed_texts=128, speed_rounds=2)
     return out
 
 
@@ -56,5 +58,6 @@ def corom_artifact(tmp_path_factory, corom_checkpoint) -> Path:
 
     out = tmp_path_factory.mktemp("corom") / "corom-like"
     export_artifact(str(corom_checkpoint), out, ExportOptions())
-    verify_artifact(out, n_queries=100, n_passages=1000)
+    # random weights: STSb means nothing here, and the speed pass only has to exist
+    verify_artifact(out, n_queries=100, n_passages=1000, stsb=False, speed_texts=64, speed_rounds=1)
     return out

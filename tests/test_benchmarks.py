@@ -12,16 +12,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_quick_benchmark_runs_and_writes_results(bundled_artifact, tmp_path):
     # the harness's path end to end, on as little text as proves it (the figures are the benchmark's job)
+    from corom_runtime import Embedder
+
+    default = "corom-" + Embedder.load(bundled_artifact, device="cpu", warmup=False).variant
+    systems = {"pytorch-fp32", "corom-opt", "corom-int8", "openvino-bf16", "openvino-nncf-int8", default}
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--artifact", str(bundled_artifact),
-                           "--passages", "80", "--queries", "20", "--latency-n", "20", "--out", str(tmp_path)],
+                           "--passages", "80", "--queries", "20", "--latency-n", "20", "--out", str(tmp_path),
+                           "--systems", *sorted(systems)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "latest-quick.json").read_text())
     systems = result["systems"]
     assert result["config"]["workloads"] == ["mixed", "long"]
     assert result["config"]["long"]["mean_tokens"] > 2 * result["config"]["mixed"]["mean_tokens"]
-    default = result["config"]["default_system"]
-    for name in ("pytorch-fp32", "corom-opt", "corom-int8", "openvino-bf16", "openvino-nncf-int8", default):
+    assert result["config"]["default_system"] == default and set(systems) == set(result["systems"])
+    for name in systems:
         s = systems[name]
         assert not s.get("error"), s
         assert s["latency"]["p50_ms"] > 0 and 0.9 < s["batch_invariance"] <= 1.0 + 1e-6

@@ -163,10 +163,10 @@ def _corom_embed(*args: str) -> list[str]:
 
 
 def test_resume_after_a_kill_equals_an_uninterrupted_run(bundled_artifact, tmp_path):
-    texts = corpus_texts(3000, seed=3)
+    texts = corpus_texts(1500, seed=3)
     src = write_jsonl(tmp_path / "c.jsonl", texts)
     common = ["--model", str(bundled_artifact), "--variant", "fp32", "--file", str(src), "--text-field", "body",
-              "--id-field", "doc_id", "--shard-size", "200", "--quiet"]
+              "--id-field", "doc_id", "--shard-size", "100", "--quiet"]
     job = subprocess.Popen(_corom_embed(*common, "--output", str(tmp_path / "killed")))
     deadline = time.time() + 300
     while not (tmp_path / "killed" / "part-00002.parquet").exists() and job.poll() is None and time.time() < deadline:
@@ -179,11 +179,11 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(bundled_artifact, tmp_p
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
-    assert summary["rows"] == 3000 and summary["reused"] == 200 * len(finished)
+    assert summary["rows"] == 1500 and summary["reused"] == 100 * len(finished)
     assert subprocess.run(_corom_embed(*common, "--output", str(tmp_path / "whole"))).returncode == 0
     ids_a, vec_a, tok_a, _ = read_output(tmp_path / "killed")
     ids_b, vec_b, tok_b, _ = read_output(tmp_path / "whole")
-    assert ids_a == ids_b == [f"doc{i}" for i in range(3000)]  # each once, in input order
+    assert ids_a == ids_b == [f"doc{i}" for i in range(1500)]  # each once, in input order
     assert np.abs(vec_a - vec_b).max() < 1e-5 and (tok_a == tok_b).all()
     assert not list((tmp_path / "killed").glob("*.tmp"))
 

@@ -17,7 +17,7 @@ from corom_runtime.engines import VARIANTS, engine_installed
 from corom_runtime.errors import BatcherClosedError, OverloadedError
 
 CLIENTS = 64
-REQUESTS = int(os.environ.get("COROM_LOAD_REQUESTS", "200"))  # per client (12,800 in all; raise it for a soak)
+REQUESTS = int(os.environ.get("COROM_LOAD_REQUESTS", "100"))  # per client (6,400 in all; raise it for a soak)
 POOL = [f"request {i}: " + " ".join(["alpha", "beta", "gamma", "delta", "omega"][: 1 + i % 5]) + f" item {i * 7}"
         for i in range(400)]
 

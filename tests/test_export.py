@@ -151,22 +151,42 @@ def test_truncated_onnx_file_is_reported_by_name(tmp_path, corom_artifact):
     assert manifest(copy)["variants"]["opt"]["passed"] is False
 
 
-def test_static_int8_option_exports_and_runs(tmp_path, corom_checkpoint):
-    out = export_artifact(str(corom_checkpoint), tmp_path / "static",
-                          ExportOptions(int8_static=True, int8_recipe="attention", openvino=False))
-    report = verify_artifact(out, n_queries=20, n_passages=200, variants=["int8"], stsb=False)
+def requantized(corom_artifact, out, recipe: str, static: bool):
+    """A copy of the session's CoROM-like artifact whose int8 variant is re-made by `recipe` from the
+    graphs already there: the recipe is the subject, not a whole export (the build runs these same
+    calls; calibration on 96 texts of the calibration corpus)."""
+    from corom_export import int8
+    from corom_export.build import _calibration_batches
+    from corom_export.manifest import add_variant
+    from corom_runtime.manifest import Manifest
+
+    shutil.copytree(corom_artifact, out)
+    m = Manifest.read(out / "manifest.json")
+    batches = list(_calibration_batches(out / "tokenizer.json", m.max_length, m.pad_id, n=96))
+    hidden, intermediate = m.embedding_dim, 4 * m.embedding_dim
+    if static:
+        int8.write_int8_static(out / "model.fp32.onnx", out / "model.int8.onnx", batches, recipe, hidden, intermediate)
+    else:
+        int8.write_int8_dynamic(out / "model.opt.onnx", out / "model.int8.onnx", recipe, hidden, intermediate, batches)
+    add_variant(m, out, "int8")
+    m.write(out)
+    return out
+
+
+def test_static_int8_recipe_runs_and_is_judged(tmp_path, corom_artifact):
+    out = requantized(corom_artifact, tmp_path / "static", "attention", static=True)
+    report = verify_artifact(out, n_queries=20, n_passages=200, variants=["int8"], stsb=False, speed_texts=32)
     (result,) = report.results
     assert result.parity is not None and result.parity.min_cosine > 0.95, result.failures
     emb = Embedder.load(out, variant="int8", device="cpu", verify_here=False).encode(["static int8"])
     assert emb.shape == (1, 256) and np.isfinite(emb).all()
 
 
-def test_smooth_int8_recipe_rescales_ffn_inputs_and_passes(tmp_path, corom_checkpoint):
+def test_smooth_int8_recipe_rescales_ffn_inputs_and_passes(tmp_path, corom_artifact):
     import onnx
 
-    out = export_artifact(str(corom_checkpoint), tmp_path / "smooth", ExportOptions(int8_recipe="smooth",
-                                                                                       openvino=False))
-    report = verify_artifact(out, n_queries=20, n_passages=200, variants=["int8"], stsb=False)
+    out = requantized(corom_artifact, tmp_path / "smooth", "smooth", static=False)
+    report = verify_artifact(out, n_queries=20, n_passages=200, variants=["int8"], stsb=False, speed_texts=32)
     (result,) = report.results
     # close to the reference, but its activation scales are per batch: not batch-invariant, so its
     # verdict is the int8 gate's (which it fails on batch invariance), recorded like any other
@@ -176,3 +196,9 @@ def test_smooth_int8_recipe_rescales_ffn_inputs_and_passes(tmp_path, corom_check
     smooth_muls = [n for n in model.graph.node if n.name.endswith("_smooth")]
     assert len(smooth_muls) == 4  # one per layer, in front of the FFN input projection
     assert not (out / "model.int8.smoothed.onnx").exists()
+
+
+def test_int8_static_refuses_a_recipe_without_calibration(tmp_path, corom_checkpoint):
+    with pytest.raises(CoromError, match="--int8-static calibrates activation ranges"):
+        export_artifact(str(corom_checkpoint), tmp_path / "x", ExportOptions(int8_static=True, int8_recipe="nbits8"))
+    assert not (tmp_path / "x").exists()

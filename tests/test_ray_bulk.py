@@ -45,14 +45,14 @@ def test_block_rows_spread_work_over_actors():
 
 
 def test_ray_job_writes_every_id_once_with_the_vectors_of_encode(bundled_artifact, local_ray, tmp_path):
-    texts = corpus_texts(5000, seed=4)
+    texts = corpus_texts(1200, seed=4)
     src = write_jsonl(tmp_path / "c.jsonl", texts)
     (tmp_path / "c.jsonl").open("a").write('{"doc_id": "bad", "body": ""}\n')
     options = BulkOptions(src, tmp_path / "out", text_field="body", id_field="doc_id", skip_bad=True)
     summary = run_ray(options, RayOptions(actors=2), str(bundled_artifact), variant="fp32", progress=False)
-    assert (summary.rows, summary.skipped_bad, summary.engine, summary.variant) == (5000, 1, "ray", "fp32")
+    assert (summary.rows, summary.skipped_bad, summary.engine, summary.variant) == (1200, 1, "ray", "fp32")
     ids, vectors, tokens, _ = read_output(tmp_path / "out")
-    assert len(ids) == 5000 and set(ids) == {f"doc{i}" for i in range(5000)}
+    assert len(ids) == 1200 and set(ids) == {f"doc{i}" for i in range(1200)}
     order = [int(i[3:]) for i in ids]
     reference = Embedder.load(bundled_artifact, variant="fp32", device="cpu").encode([texts[i] for i in order])
     # fp32 is batch-invariant up to float rounding, so the actor's batch mates do not matter
@@ -61,14 +61,14 @@ def test_ray_job_writes_every_id_once_with_the_vectors_of_encode(bundled_artifac
 
 
 def test_a_killed_actor_is_replaced_and_no_row_is_lost_or_repeated(bundled_artifact, local_ray, tmp_path):
-    texts = corpus_texts(6000, seed=5)
+    texts = corpus_texts(2400, seed=5)
     src = write_jsonl(tmp_path / "c.jsonl", texts)
     options = BulkOptions(src, tmp_path / "out", text_field="body", id_field="doc_id")
     result: dict = {}
 
     def job() -> None:
         try:
-            result["summary"] = run_ray(options, RayOptions(actors=2, batch_rows=128), str(bundled_artifact),
+            result["summary"] = run_ray(options, RayOptions(actors=2, batch_rows=64), str(bundled_artifact),
                                         variant="fp32", progress=False)
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below
             result["error"] = exc
@@ -90,8 +90,8 @@ def test_a_killed_actor_is_replaced_and_no_row_is_lost_or_repeated(bundled_artif
     assert killed_mid_job, "the kill landed after the job had finished"
     assert "error" not in result, result.get("error")
     ids, vectors, _, _ = read_output(tmp_path / "out")
-    assert sorted(ids) == sorted(f"doc{i}" for i in range(6000))  # every row exactly once
-    assert result["summary"].rows == 6000 and np.isfinite(vectors).all()
+    assert sorted(ids) == sorted(f"doc{i}" for i in range(2400))  # every row exactly once
+    assert result["summary"].rows == 2400 and np.isfinite(vectors).all()
 
 
 def test_ray_refuses_resume_and_bad_rows_before_starting(bundled_artifact, tmp_path):

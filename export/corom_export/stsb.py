@@ -21,6 +21,10 @@ class StsPairs:
     second: list[str]
     gold: np.ndarray
 
+    def head(self, n: int | None) -> "StsPairs":
+        """The first `n` pairs (all for None): a smoke run's sample, the same pairs every time."""
+        return self if n is None else StsPairs(self.first[:n], self.second[:n], self.gold[:n])
+
 
 def find_stsb() -> Path | None:
     """The STSb folder: `COROM_STSB_DIR`, else `shared/data/stsb-en` beside the repository."""

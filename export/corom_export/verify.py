@@ -144,8 +144,15 @@ def write_check_set(folder: Path, texts: list[str], n_queries: int, reference: n
 
 
 def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, variants: list[str] | None = None,
-                    stsb: bool = True, threads: int | None = None, write: bool = True) -> VerifyReport:
-    """Measure every variant's parity (and STSb Spearman); record the figures and `passed` in the manifest."""
+                    stsb: bool = True, threads: int | None = None, write: bool = True, *,
+                    stsb_pairs: int | None = None, speed_texts: int = SPEED_TEXTS,
+                    speed_rounds: int = SPEED_ROUNDS) -> VerifyReport:
+    """Measure every variant's parity (and STSb Spearman); record the figures and `passed` in the manifest.
+
+    The gate always sees the parity corpus's first `n_queries` / `n_passages`; `stsb_pairs` (the first
+    N STSb pairs, None: all 1,500) and the speed pass's size only trade precision of those two figures
+    for time (the test suite's session artifact uses that; `corom verify` takes the defaults).
+    """
     artifact = load_artifact(path)
     manifest = artifact.manifest
     names = variants or list(artifact.variants)
@@ -172,7 +179,7 @@ def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, va
     if stsb and stsb_dir is None:
         report.stsb_skipped = "../shared/data/stsb-en/stsb-en-dev.csv not found (set COROM_STSB_DIR)"
     elif stsb_dir is not None:
-        pairs = load_pairs(stsb_dir)
+        pairs = load_pairs(stsb_dir).head(stsb_pairs)
         report.reference_stsb = stsb_spearman(
             lambda texts: reference_embed(encoder, tokenizer.encode(texts), artifact.dim, artifact.pad_id), pairs)
 
@@ -207,9 +214,9 @@ def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, va
               f"{parity.batch_invariance:.7f} -> {'pass' if result.passed else 'FAIL'}", file=sys.stderr, flush=True)
 
     if embedders:
-        print(f"measuring the speed of {len(embedders)} passed variant(s) ({SPEED_ROUNDS} interleaved rounds)",
+        print(f"measuring the speed of {len(embedders)} passed variant(s) ({speed_rounds} interleaved rounds)",
               file=sys.stderr, flush=True)
-        speeds = measure_speeds(embedders, items[n_queries:n_queries + SPEED_TEXTS])
+        speeds = measure_speeds(embedders, items[n_queries:n_queries + speed_texts], speed_rounds)
         for r in report.results:
             r.speed = speeds.get(r.variant, {})
 
@@ -242,6 +249,7 @@ def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, va
                     check.vectors, vectors, check.n_queries, artifact.score).top10_agreement
         if stsb:  # a run told to skip STSb keeps the figures an earlier run recorded
             manifest.quality = {"stsb_dev_spearman_reference": report.reference_stsb,
+                                "stsb_pairs": len(pairs.gold) if pairs is not None else 0,
                                 "stsb_skipped": report.stsb_skipped}
         manifest.write(artifact.path)
     return report
