@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 
 from corom_export.corpus import workload_corpus
-from corom_runtime.presets import build_dir
+from corom_runtime.artifacts.cache import build_dir
 
 from .run import RESULTS, ROOT, progress
 

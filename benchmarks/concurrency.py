@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from corom_runtime import Embedder
-from corom_runtime.dynamic_batcher import BatcherSettings, DynamicBatcher
+from corom_runtime.serving.batcher import BatcherSettings, DynamicBatcher
 
 
 def percentiles(seconds: list[float]) -> dict:

@@ -6,28 +6,17 @@ import os
 import platform
 from datetime import datetime, timezone
 from importlib import metadata
-from pathlib import Path
 
-from corom_runtime.selection import cpu_model  # one spelling of the CPU, shared with verify's speed records
-from corom_runtime.threads import available_cpus
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+# one spelling of the CPU and one reader of /proc/cpuinfo, shared with verify's records
+from corom_runtime.machine import available_cpus, cpu_flags, cpu_model, cpuinfo_values
 
 
 def cpu_mhz() -> float | None:
     try:
-        values = [float(l.split(":")[1]) for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("cpu MHz")]
-        return max(values) if values else None
-    except (OSError, ValueError):
+        values = [float(v) for v in cpuinfo_values("cpu MHz")]
+    except ValueError:
         return None
+    return max(values) if values else None
 
 
 def peak_flops(threads: int) -> dict:

@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 
 from corom_export.corpus import workload_corpus
-from corom_runtime.presets import build_dir
+from corom_runtime.artifacts.cache import build_dir
 
 from .hardware import describe
 from .run import RESULTS

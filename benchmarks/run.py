@@ -17,7 +17,7 @@ import numpy as np
 from corom_export.corpus import workload_corpus
 from corom_export.parity import compare
 from corom_export.stsb import find_stsb, load_pairs, stsb_spearman
-from corom_runtime.presets import build_dir
+from corom_runtime.artifacts.cache import build_dir
 from corom_runtime.tokenization import TextTokenizer
 
 from . import concurrency, hardware, report
@@ -269,7 +269,7 @@ def write(result: dict, out: Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from corom_runtime.threads import available_cpus
+    from corom_runtime.machine import available_cpus
 
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=
                                 "Speed and quality of corom-onnx next to the PyTorch reference and its peers, "

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from corom_export.corpus import workload_corpus
-from corom_runtime.presets import build_dir
+from corom_runtime.artifacts.cache import build_dir
 
 from .run import RESULTS
 from .served import start_server, write_result

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from corom_runtime.engines import VARIANTS
+from corom_runtime.catalog import VARIANTS
 
 log = logging.getLogger(__name__)
 

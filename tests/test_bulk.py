@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from corom_runtime import Embedder
-from corom_runtime.bulk import BulkOptions, embed_corpus, resume_mismatch, survey
+from corom_runtime.bulk.local import BulkOptions, embed_corpus, resume_mismatch, survey
 from corom_runtime.cli import main as corom
-from corom_runtime.corpus_io import Row, read_output, read_rows, text_problem
+from corom_runtime.bulk.corpus_io import Row, read_output, read_rows, text_problem
 from corom_runtime.errors import CoromError
 
 WORDS = ("river bank loan master degree semester students month pace study campus library research thesis "

@@ -13,13 +13,13 @@ import pytest
 from onnx import helper, numpy_helper
 
 from corom_runtime import Embedder, embedder as embedder_module
-from corom_runtime.artifact import sha256_file
-from corom_runtime.cpu_check import (CheckSet, Platform, check_gate, cpu_isa, matching_record, pick_check_texts,
-                                     read_cached)
-from corom_runtime.engines import Gate
+from corom_runtime.artifacts.artifact import sha256_file
+from corom_runtime.cpu_check import CheckSet, Platform, check_gate, matching_record, pick_check_texts, read_cached
+from corom_runtime.machine import cpu_isa
+from corom_runtime.catalog import Gate
 from corom_runtime.errors import VariantRejectedError
-from corom_runtime.selection import cpu_model
-from corom_runtime.threads import available_cpus
+from corom_runtime.machine import cpu_model
+from corom_runtime.machine import available_cpus
 
 ELSEWHERE = "AMD EPYC 9R14 96-Core Processor (a CPU this artifact was verified on, not this one)"
 

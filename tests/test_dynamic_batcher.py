@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from corom_runtime import Embedder
-from corom_runtime.dynamic_batcher import BatcherSettings, DynamicBatcher
-from corom_runtime.engines import VARIANTS, engine_installed
+from corom_runtime.serving.batcher import BatcherSettings, DynamicBatcher
+from corom_runtime.catalog import VARIANTS, engine_installed
 from corom_runtime.errors import BatcherClosedError, OverloadedError
 
 CLIENTS = 64
@@ -219,7 +219,7 @@ def test_invalid_settings():
 
 
 def _entry(texts: int, longest: int, enqueued: float):
-    from corom_runtime.dynamic_batcher import Ticket, _Entry
+    from corom_runtime.serving.batcher import Ticket, _Entry
     from concurrent.futures import Future
     from corom_runtime.tokenization import TokenizedText
 
@@ -227,7 +227,7 @@ def _entry(texts: int, longest: int, enqueued: float):
 
 
 def test_decide_is_a_pure_function_of_queue_settings_and_time():
-    from corom_runtime.dynamic_batcher import Decision, decide
+    from corom_runtime.serving.batcher import Decision, decide
 
     s = BatcherSettings(max_batch_size=8, max_batch_tokens=100, max_wait_ms=10)
     assert decide([], s, 0.0, closing=False) == Decision(0, None)
@@ -258,9 +258,9 @@ def test_settings_that_would_kill_the_worker_are_refused(kwargs, field, capsys):
 
 
 def test_a_worker_bug_fails_one_round_and_the_worker_goes_on(embedder, monkeypatch):
-    from corom_runtime import dynamic_batcher
+    from corom_runtime.serving import batcher as batcher_module
 
-    real = dynamic_batcher.decide
+    real = batcher_module.decide
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -269,7 +269,7 @@ def test_a_worker_bug_fails_one_round_and_the_worker_goes_on(embedder, monkeypat
             raise RuntimeError("a bug in the batching decision")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dynamic_batcher, "decide", flaky)
+    monkeypatch.setattr(batcher_module, "decide", flaky)
     with DynamicBatcher(embedder) as batcher:
         assert batcher.encode(["survives"], timeout=10).shape == (1, embedder.dim)
         assert batcher.encode(["still served"], timeout=10).shape == (1, embedder.dim)

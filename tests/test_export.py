@@ -14,7 +14,7 @@ from corom_export.stsb import find_stsb
 from corom_export.verify import verify_artifact
 from corom_runtime.cli import main as corom
 from corom_runtime import Embedder
-from corom_runtime.engines import VARIANTS, Gate, engine_installed
+from corom_runtime.catalog import VARIANTS, Gate, engine_installed
 from corom_runtime.errors import CoromError
 
 # the OpenVINO variants are exported where openvino and nncf are installed (`make setup` installs them)
@@ -158,7 +158,7 @@ def requantized(corom_artifact, out, recipe: str, static: bool):
     from corom_export import int8
     from corom_export.build import _calibration_batches
     from corom_export.manifest import add_variant
-    from corom_runtime.manifest import Manifest
+    from corom_runtime.artifacts.manifest import Manifest
 
     shutil.copytree(corom_artifact, out)
     m = Manifest.read(out / "manifest.json")

@@ -19,7 +19,7 @@ from corom_export.families import FAMILIES, family_for
 from corom_export.int8 import ffn_matmuls_by_weight
 from corom_export.verify import verify_artifact
 from corom_runtime import Embedder
-from corom_runtime.engines import VARIANTS
+from corom_runtime.catalog import VARIANTS
 from corom_runtime.errors import CoromError
 
 TEXTS = ["a", "how long does it take to get a master degree",
@@ -115,7 +115,7 @@ def test_unsupported_model_type_names_the_families():
 def test_server_routes_take_prompt_name(family_artifact):
     from starlette.testclient import TestClient
 
-    from corom_runtime.server import ServerSettings, create_app
+    from corom_runtime.serving.app import ServerSettings, create_app
 
     _, _, out, _ = family_artifact
     emb = Embedder.load(out, variant="fp32", device="cpu")
@@ -130,8 +130,8 @@ def test_server_routes_take_prompt_name(family_artifact):
 
 
 def test_corpus_job_applies_the_prompt_and_refuses_an_unknown_one(family_artifact, tmp_path):
-    from corom_runtime.bulk import BulkOptions, embed_corpus
-    from corom_runtime.corpus_io import read_output
+    from corom_runtime.bulk.local import BulkOptions, embed_corpus
+    from corom_runtime.bulk.corpus_io import read_output
 
     _, _, out, _ = family_artifact
     emb = Embedder.load(out, variant="fp32", device="cpu")

@@ -126,3 +126,20 @@ def test_runtime_modules_import_each_other_without_cycles():
         if module not in state:
             visit(module, [module])
     assert len(graph) >= 20
+
+
+def test_public_imports_work_the_old_way_and_the_new_way():
+    """The paths the README and earlier releases show resolve to the same objects as the new layout."""
+    import corom_runtime
+    from corom_runtime import bulk, catalog, dynamic_batcher, engines, ray_bulk
+    from corom_runtime.bulk import local, ray_job
+    from corom_runtime.serving import batcher
+
+    assert engines.VARIANTS is catalog.VARIANTS and engines.gate_of is catalog.gate_of
+    assert bulk.embed_corpus is local.embed_corpus and bulk.BulkOptions is local.BulkOptions
+    assert dynamic_batcher.DynamicBatcher is batcher.DynamicBatcher is corom_runtime.DynamicBatcher
+    assert ray_bulk.embed_dataset is ray_job.embed_dataset and ray_bulk.run_ray is ray_job.run_ray
+    # the shims re-export and define nothing of their own
+    for shim in (dynamic_batcher, ray_bulk, engines, bulk):
+        own = [n for n, v in vars(shim).items() if not n.startswith("_") and getattr(v, "__module__", None) == shim.__name__]
+        assert not own, (shim.__name__, own)

@@ -10,7 +10,7 @@ import pytest
 from corom_runtime import Embedder
 from corom_runtime.cli import main as corom
 from corom_runtime.errors import ArtifactError
-from corom_runtime.manifest import FORMAT_VERSION, Manifest, TokenizerEntry, VariantEntry
+from corom_runtime.artifacts.manifest import FORMAT_VERSION, Manifest, TokenizerEntry, VariantEntry
 
 
 def good() -> dict:

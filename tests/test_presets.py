@@ -11,7 +11,8 @@ from corom_export.sources import SourceError, resolve
 from corom_runtime import Embedder
 from corom_runtime.cli import main as corom
 from corom_runtime.errors import PresetError
-from corom_runtime.presets import artifact_dir, list_presets, load_preset
+from corom_runtime.artifacts.cache import artifact_dir
+from corom_runtime.artifacts.presets import list_presets, load_preset
 
 ISSUE_PRESETS = ("corom-english-tiny", "all-minilm-l6-v2", "bge-small-en-v1.5", "e5-small-v2",
                  "multilingual-e5-small", "paraphrase-multilingual-MiniLM-L12-v2")

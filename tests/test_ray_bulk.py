@@ -15,10 +15,10 @@ import psutil
 import pytest
 
 from corom_runtime import Embedder
-from corom_runtime.bulk import BulkOptions
-from corom_runtime.corpus_io import read_output
+from corom_runtime.bulk.local import BulkOptions
+from corom_runtime.bulk.corpus_io import read_output
 from corom_runtime.errors import CoromError
-from corom_runtime.ray_bulk import RayOptions, block_rows, run_ray
+from corom_runtime.bulk.ray_job import RayOptions, block_rows, run_ray
 from test_bulk import corpus_texts, cosines, write_jsonl
 
 
@@ -45,14 +45,14 @@ def test_block_rows_spread_work_over_actors():
 
 
 def test_ray_job_writes_every_id_once_with_the_vectors_of_encode(bundled_artifact, local_ray, tmp_path):
-    texts = corpus_texts(1200, seed=4)
+    texts = corpus_texts(600, seed=4)
     src = write_jsonl(tmp_path / "c.jsonl", texts)
     (tmp_path / "c.jsonl").open("a").write('{"doc_id": "bad", "body": ""}\n')
     options = BulkOptions(src, tmp_path / "out", text_field="body", id_field="doc_id", skip_bad=True)
     summary = run_ray(options, RayOptions(actors=2), str(bundled_artifact), variant="fp32", progress=False)
-    assert (summary.rows, summary.skipped_bad, summary.engine, summary.variant) == (1200, 1, "ray", "fp32")
+    assert (summary.rows, summary.skipped_bad, summary.engine, summary.variant) == (600, 1, "ray", "fp32")
     ids, vectors, tokens, _ = read_output(tmp_path / "out")
-    assert len(ids) == 1200 and set(ids) == {f"doc{i}" for i in range(1200)}
+    assert len(ids) == 600 and set(ids) == {f"doc{i}" for i in range(600)}
     order = [int(i[3:]) for i in ids]
     reference = Embedder.load(bundled_artifact, variant="fp32", device="cpu").encode([texts[i] for i in order])
     # fp32 is batch-invariant up to float rounding, so the actor's batch mates do not matter
@@ -61,7 +61,7 @@ def test_ray_job_writes_every_id_once_with_the_vectors_of_encode(bundled_artifac
 
 
 def test_a_killed_actor_is_replaced_and_no_row_is_lost_or_repeated(bundled_artifact, local_ray, tmp_path):
-    texts = corpus_texts(2400, seed=5)
+    texts = corpus_texts(1600, seed=5)
     src = write_jsonl(tmp_path / "c.jsonl", texts)
     options = BulkOptions(src, tmp_path / "out", text_field="body", id_field="doc_id")
     result: dict = {}
@@ -90,8 +90,8 @@ def test_a_killed_actor_is_replaced_and_no_row_is_lost_or_repeated(bundled_artif
     assert killed_mid_job, "the kill landed after the job had finished"
     assert "error" not in result, result.get("error")
     ids, vectors, _, _ = read_output(tmp_path / "out")
-    assert sorted(ids) == sorted(f"doc{i}" for i in range(2400))  # every row exactly once
-    assert result["summary"].rows == 2400 and np.isfinite(vectors).all()
+    assert sorted(ids) == sorted(f"doc{i}" for i in range(1600))  # every row exactly once
+    assert result["summary"].rows == 1600 and np.isfinite(vectors).all()
 
 
 def test_ray_refuses_resume_and_bad_rows_before_starting(bundled_artifact, tmp_path):
@@ -110,13 +110,13 @@ def test_missing_ray_names_the_install_command(tmp_path):
     code = """
 import sys
 sys.modules["ray"] = None
-from corom_runtime.ray_bulk import import_ray
+from corom_runtime.bulk.ray_job import import_ray
 from corom_runtime.errors import CoromError
 try:
     import_ray()
 except CoromError as exc:
     print("ERROR:", exc)
-import corom_runtime.cli, corom_runtime.bulk, corom_runtime.embedder
+import corom_runtime.cli, corom_runtime.bulk.local, corom_runtime.embedder
 print("LOADED:", sorted(m for m in sys.modules if m.split(".")[0] in ("ray", "pyarrow") and sys.modules[m]))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

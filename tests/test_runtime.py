@@ -18,9 +18,9 @@ from corom_runtime import embedder as embedder_module
 from corom_runtime.batching import pad_batch, plan_batches
 from corom_runtime.cli import main as corom
 from corom_runtime.errors import ArtifactError
-from corom_runtime.threads import available_cpus
+from corom_runtime.machine import available_cpus
 
-from corom_runtime.engines import VARIANTS, engine_installed
+from corom_runtime.catalog import VARIANTS, engine_installed
 
 GATE_COS = {name: spec.gate.min_cosine for name, spec in VARIANTS.items()}
 CPU_VARIANTS = [n for n, v in VARIANTS.items() if "cpu" in v.devices and engine_installed(v.engine)]
@@ -208,7 +208,7 @@ def test_absent_provider_is_a_clear_error_or_logged_fallback(bundled_artifact, c
 def fastest_passed_cpu_variant(folder) -> str:
     """The fastest passed CPU variant as verify measured it, where a speed within 5% of a faster one
     is a tie that the engine table's order decides (`selection.rank_by_speed`, tested on its own)."""
-    from corom_runtime.engines import auto_order
+    from corom_runtime.catalog import auto_order
     from corom_runtime.selection import SPEED_TIE
 
     variants = json.loads((folder / "manifest.json").read_text())["variants"]
@@ -295,7 +295,7 @@ OV_VARIANTS = [v for v in CPU_VARIANTS if VARIANTS[v].engine == "openvino"]
 @pytest.mark.skipif(not OV_VARIANTS, reason="openvino is not installed: no OpenVINO variant to test")
 @pytest.mark.parametrize("variant", OV_VARIANTS)
 def test_bad_input_on_the_openvino_path(bundled_artifact, variant, tmp_path):
-    from corom_runtime.providers import SessionSettings
+    from corom_runtime.engines.settings import SessionSettings
 
     emb = Embedder.load(bundled_artifact, variant=variant, device="cpu",
                         settings=SessionSettings(cache_dir=tmp_path / "cache"))

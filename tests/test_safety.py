@@ -14,13 +14,13 @@ import onnx
 import pytest
 
 from corom_runtime import Embedder, embedder as embedder_module
-from corom_runtime.bulk import BulkOptions, embed_corpus, resume_mismatch
+from corom_runtime.bulk.local import BulkOptions, embed_corpus, resume_mismatch
 from corom_runtime.cli import main as corom
-from corom_runtime.dynamic_batcher import BatcherSettings, DynamicBatcher
+from corom_runtime.serving.batcher import BatcherSettings, DynamicBatcher
 from corom_runtime.errors import CoromError, ProviderUnavailableError, RequestTooLargeError
-from corom_runtime.http_errors import from_exception
-from corom_runtime.server import INTERNAL_ERRORS, ServerSettings, create_app
-from corom_runtime.session import device_of_provider
+from corom_runtime.serving.http_errors import from_exception
+from corom_runtime.serving.app import INTERNAL_ERRORS, ServerSettings, create_app
+from corom_runtime.engines.ort import device_of_provider
 
 # -- 1. --force deletes only what corom wrote ---------------------------------------------------
 
@@ -134,7 +134,7 @@ def test_resume_refuses_a_model_re_exported_at_the_same_path(bundled_artifact, t
     model.doc_string = "re-exported"
     onnx.save(model, str(art / "model.fp32.onnx"))
     manifest = json.loads((art / "manifest.json").read_text())
-    from corom_runtime.artifact import sha256_file
+    from corom_runtime.artifacts.artifact import sha256_file
 
     manifest["variants"]["fp32"]["sha256"] = sha256_file(art / "model.fp32.onnx")
     (art / "manifest.json").write_text(json.dumps(manifest))

@@ -18,9 +18,9 @@ import uvicorn
 
 from conftest import EXAMPLE_CANDIDATES, EXAMPLE_SOURCE
 from corom_runtime import Embedder
-from corom_runtime.dynamic_batcher import BatcherSettings
-from corom_runtime.server import ServerSettings, authorized, create_app
-from corom_runtime.uvicorn_server import guarded_protocol
+from corom_runtime.serving.batcher import BatcherSettings
+from corom_runtime.serving.app import ServerSettings, authorized, create_app
+from corom_runtime.serving.runner import guarded_protocol
 
 
 def free_port() -> int:
@@ -243,15 +243,15 @@ def test_cli_serve_shuts_down_gracefully_on_sigterm(bundled_artifact):
 
 
 def test_the_uvicorn_internals_we_patch_are_still_there():
-    """`uvicorn_server` leans on uvicorn's h11 protocol (pinned <0.56 in pyproject): fail here, not in a
+    """`serving.runner` leans on uvicorn's h11 protocol (pinned <0.56 in pyproject): fail here, not in a
     production server, when an upgrade moves what it overrides or reads."""
     import inspect
 
     from uvicorn.protocols.http import h11_impl
 
-    from corom_runtime import uvicorn_server
+    from corom_runtime.serving import runner
 
-    assert h11_impl.service_unavailable is uvicorn_server._over_connection_bound
+    assert h11_impl.service_unavailable is runner._over_connection_bound
     protocol = guarded_protocol(1.0)
     for name in ("connection_made", "data_received", "on_response_complete", "send_400_response", "connection_lost"):
         base = getattr(h11_impl.H11Protocol, name)

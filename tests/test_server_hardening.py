@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from corom_runtime import Embedder
-from corom_runtime.dynamic_batcher import BatcherSettings
-from corom_runtime.server import ServerSettings, create_app
+from corom_runtime.serving.batcher import BatcherSettings
+from corom_runtime.serving.app import ServerSettings, create_app
 from test_server import Running, free_port
 
 ROUTES = ("/v1/embeddings", "/embed", "/similarity")

@@ -16,7 +16,7 @@ from corom_export.reference import build_reference, load_encoder
 from corom_export.sources import SourceError, inspect_folder, resolve
 from corom_export.tokenizer import build_tokenizer
 from corom_runtime.errors import PresetError
-from corom_runtime.presets import load_preset
+from corom_runtime.artifacts.presets import load_preset
 
 
 def test_bundled_source_is_sentence_transformers_layout():

@@ -14,12 +14,12 @@ from pathlib import Path
 import onnx
 from onnxruntime.transformers.onnx_model import OnnxModel
 
-from corom_runtime.artifact import sha256_file
+from corom_runtime.artifacts.artifact import sha256_file
 from corom_runtime.cpu_check import CHECK_FILE
-from corom_runtime.manifest import MANIFEST, Manifest
-from corom_runtime.engines import INT8_RECIPES, VARIANTS
+from corom_runtime.artifacts.manifest import MANIFEST, Manifest
+from corom_runtime.catalog import INT8_RECIPES, VARIANTS
 from corom_runtime.errors import CoromError, PresetError
-from corom_runtime.presets import Preset, find_preset, list_presets, load_preset
+from corom_runtime.artifacts.presets import Preset, find_preset, list_presets, load_preset
 
 from . import graph, int8, optimize
 from .manifest import add_variant, new_manifest

@@ -8,7 +8,8 @@ import argparse
 import json
 from pathlib import Path
 
-from corom_runtime.presets import artifact_dir, find_preset
+from corom_runtime.artifacts.cache import artifact_dir
+from corom_runtime.artifacts.presets import find_preset
 
 from .build import ExportOptions, export_artifact
 from .verify import VerifyReport, verify_artifact

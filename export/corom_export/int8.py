@@ -22,7 +22,7 @@ import onnx
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quantize_dynamic, quantize_static)
 
-from corom_runtime.engines import INT8_RECIPES as RECIPES
+from corom_runtime.catalog import INT8_RECIPES as RECIPES
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Building the artifact's manifest (the typed `corom_runtime.manifest.Manifest`, which the runtime owns)."""
+"""Building the artifact's manifest (the typed `corom_runtime.artifacts.manifest.Manifest`, which the runtime owns)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from corom_runtime.artifact import sha256_file
-from corom_runtime.manifest import Manifest, TokenizerEntry, VariantEntry
+from corom_runtime.artifacts.artifact import sha256_file
+from corom_runtime.artifacts.manifest import Manifest, TokenizerEntry, VariantEntry
 
 from .families import Family
 

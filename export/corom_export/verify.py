@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from corom_runtime import Embedder
-from corom_runtime.artifact import load_artifact, sha256_file
+from corom_runtime.artifacts.artifact import load_artifact, sha256_file
 from corom_runtime.batching import pad_batch, plan_batches
 from corom_runtime.cpu_check import CHECK_FILE, CheckSet, Platform, matching_record, pick_check_texts
-from corom_runtime.engines import VARIANTS, Gate, engine_installed
+from corom_runtime.catalog import VARIANTS, Gate, engine_installed
 from corom_runtime.errors import CoromError
-from corom_runtime.selection import cpu_model
+from corom_runtime.machine import cpu_model
 from corom_runtime.tokenization import TextTokenizer, TokenizedText
 
 from .corpus import parity_corpus

@@ -1,9 +1,9 @@
 """corom-onnx runtime: sentence embeddings on ONNX Runtime, without PyTorch."""
 
-from .dynamic_batcher import BatcherSettings, DynamicBatcher, Ticket
-from .embedder import Embedder, EmbedderInfo, ItemReport
-from .errors import (ArtifactError, BatcherClosedError, CoromError, OverloadedError, PresetError,
-                     ProviderUnavailableError)
+from corom_runtime.serving.batcher import BatcherSettings, DynamicBatcher, Ticket
+from corom_runtime.embedder import Embedder, EmbedderInfo, ItemReport
+from corom_runtime.errors import (ArtifactError, BatcherClosedError, CoromError, OverloadedError, PresetError,
+                                  ProviderUnavailableError)
 
 __all__ = [
     "Embedder", "EmbedderInfo", "ItemReport", "DynamicBatcher", "BatcherSettings", "Ticket", "CoromError", "ArtifactError", "PresetError",

@@ -10,8 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import InvalidInputError
-from .tokenization import TokenizedText
+from corom_runtime.errors import InvalidInputError
+from corom_runtime.tokenization import TokenizedText
 
 
 def plan_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[np.ndarray]:

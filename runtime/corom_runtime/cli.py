@@ -13,20 +13,20 @@ import traceback
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .engines import DEVICES, INT8_RECIPES, VARIANTS, device_names, variant_names
-from .exporter import require_exporter
-from .errors import CoromError
-from .corpus_io import INPUT_FORMATS, OUTPUT_FORMATS, describe, input_format, read_rows, row_problem
-from .presets import artifact_dir, cache_root, list_presets, load_preset
+from corom_runtime.catalog import DEVICES, INT8_RECIPES, VARIANTS, device_names, variant_names
+from corom_runtime.exporter import require_exporter
+from corom_runtime.errors import CoromError
+from corom_runtime.bulk.corpus_io import INPUT_FORMATS, OUTPUT_FORMATS, describe, input_format, read_rows, row_problem
+from corom_runtime.artifacts.cache import artifact_dir, cache_root
+from corom_runtime.artifacts.presets import DEFAULT_PRESET, list_presets, load_preset
 
-DEFAULT_MODEL = "all-minilm-l6-v2"
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+    p.add_argument("--model", "-m", default=DEFAULT_PRESET,
                    help=f"artifact folder written by `corom export`, or a preset name (its artifact in the user "
                         f"cache, exported there on first use when the exporter is installed; see `corom presets`) "
-                        f"(default: {DEFAULT_MODEL})")
+                        f"(default: {DEFAULT_PRESET})")
     p.add_argument("--variant", default="auto", choices=["auto", *variant_names()],
                    help="which variant to run; auto = the fastest that passed its gate on this machine "
                         "(as `corom verify` measured it). "
@@ -42,7 +42,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace, variant: str | None = None):
-    from .embedder import Embedder
+    from corom_runtime.embedder import Embedder
 
     return Embedder.load(args.model, variant=variant or args.variant, device=args.device, threads=args.threads,
                          allow_fallback=args.allow_fallback)
@@ -57,9 +57,8 @@ def _read_texts(args: argparse.Namespace) -> Iterator[str]:
         yield from (line.rstrip("\n") for line in sys.stdin)
     elif args.file:
         fmt = input_format(Path(args.file), args.input_format)
-        if fmt == "text":
-            with open(args.file, encoding="utf-8") as handle:
-                yield from (line.rstrip("\n") for line in handle)
+        if fmt == "text":  # every line, as the corpus job reads it (same decoding), blank ones included
+            yield from (row.text for row in read_rows(Path(args.file), fmt))
             return
         for row in read_rows(Path(args.file), fmt, args.text_field, args.id_field):
             problem = row_problem(row)
@@ -98,7 +97,7 @@ def _tee(texts: Iterator[str], kept: deque[str]) -> Iterator[str]:
 
 
 def _embed_corpus(args: argparse.Namespace) -> int:
-    from .bulk import BulkOptions, embed_corpus
+    from corom_runtime.bulk.local import BulkOptions, embed_corpus
     if args.texts or not args.file or args.file == "-":
         raise CoromError("a corpus job reads a file: give --file PATH (text, JSONL or Parquet); "
                          "texts on the command line or stdin go to JSON lines (no --output, or NAME.jsonl)")
@@ -112,7 +111,7 @@ def _embed_corpus(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         if single_npy:
             raise CoromError("--engine ray writes Parquet shards: give --output FOLDER")
-        from .ray_bulk import RayOptions, run_ray
+        from corom_runtime.bulk.ray_job import RayOptions, run_ray
 
         summary = run_ray(options, RayOptions(address=args.address, actors=args.actors,
                                               threads_per_actor=args.threads_per_actor),
@@ -120,7 +119,7 @@ def _embed_corpus(args: argparse.Namespace) -> int:
     else:
         summary = embed_corpus(options, lambda recorded: _load(args, recorded), progress=progress)
     if single_npy:
-        from .bulk import assemble_npy
+        from corom_runtime.bulk.local import assemble_npy
 
         assemble_npy(output, Path(args.output))
     if args.json:
@@ -193,10 +192,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def _verify_here(args: argparse.Namespace) -> int:
     """`corom verify --here`: the load-time check of every passed CPU variant on this machine, cached,
     with the runtime alone (for images and readiness probes). Exit 0 when `auto` has a variant here."""
-    from .artifact import load_artifact
-    from .embedder import Embedder
-    from .engines import engine_installed
-    from .errors import VariantRejectedError
+    from corom_runtime.artifacts.artifact import load_artifact
+    from corom_runtime.embedder import Embedder
+    from corom_runtime.catalog import engine_installed
+    from corom_runtime.errors import VariantRejectedError
 
     artifact = load_artifact(args.artifact)
     rows: dict[str, dict] = {}
@@ -225,7 +224,7 @@ def _verify_here(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from .server import serve
+        from corom_runtime.serving.app import serve
     except ImportError as exc:
         raise CoromError(f"the server needs its extras: pip install 'corom-onnx[serve]' ({exc})") from exc
     return serve(args)

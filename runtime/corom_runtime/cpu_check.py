@@ -26,35 +26,20 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .engines import ENGINES, Gate
-from .parity import Parity, batch_invariance, compare
+from corom_runtime.catalog import ENGINES, Gate
+from corom_runtime.machine import cpu_isa, cpu_model
+from corom_runtime.parity import Parity, batch_invariance, compare
 
 log = logging.getLogger(__name__)
 
 CHECK_FILE = "check.npz"
 CANNED = 4               # rows of the check set run on every load
 INVARIANCE_TEXTS = 24    # texts embedded alone and in mixed batches, for the batch-invariance figure
-# instruction-set flags that change which kernels an engine runs (and so its numerics)
-_ISA_PREFIXES = ("avx", "amx", "fma", "f16c", "sse4", "vnni", "neon", "asimd", "sve", "bf16", "i8mm", "fp16")
-
-
-@lru_cache(maxsize=1)
-def cpu_isa() -> tuple[str, ...]:
-    """This CPU's instruction-set flags that matter to kernels (sorted; empty where unknown)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = line.split(":", 1)[1].split()
-                return tuple(sorted({f for f in flags if f.startswith(_ISA_PREFIXES)}))
-    except OSError:
-        pass
-    return ()
 
 
 def engine_version(engine: str) -> str:
@@ -74,8 +59,6 @@ class Platform:
 
     @classmethod
     def here(cls, engine: str) -> "Platform":
-        from .selection import cpu_model
-
         return cls(cpu=cpu_model(), isa=cpu_isa(), engine=engine, engine_version=engine_version(engine))
 
     def key(self) -> str:

@@ -10,19 +10,24 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .artifact import Artifact, load_artifact
-from .batching import pad_batch, plan_batches
-from .cpu_check import (CheckResult, CheckSet, Platform, cache_key, canned_failures, check_gate, matching_record,
-                        read_cached, run_check, timed, write_cached)
-from .engines import ENGINES, engine_installed, gate_of
-from .exporter import find_exporter
-from .errors import (ArtifactError, InvalidInputError, InvalidInputTypeError, MissingArtifactError,
-                     ProviderUnavailableError, VariantRejectedError, positive_int)
-from .presets import artifact_dir, cache_lock, cache_root
-from .providers import SessionSettings, ort_devices
-from .selection import Machine, choose_device, cpu_model, variant_order
-from .session import EncoderSession, open_session
-from .tokenization import TextTokenizer, TokenizedText, check_texts
+from corom_runtime.artifacts.artifact import Artifact, load_artifact
+from corom_runtime.artifacts.presets import DEFAULT_PRESET
+from corom_runtime.batching import pad_batch, plan_batches
+from corom_runtime.cpu_check import (CheckResult, CheckSet, Platform, cache_key, canned_failures, check_gate,
+                                     matching_record, read_cached, run_check, timed, write_cached)
+from corom_runtime.catalog import ENGINES, engine_installed, gate_of
+from corom_runtime.exporter import find_exporter
+from corom_runtime.errors import (ArtifactError, InvalidInputError, InvalidInputTypeError, MissingArtifactError,
+                                  ProviderUnavailableError, VariantRejectedError, positive_int)
+from corom_runtime.artifacts.cache import artifact_dir, cache_lock, cache_root
+from corom_runtime.engines.settings import SessionSettings
+from corom_runtime.engines.ort import ort_devices
+from corom_runtime.selection import Machine, choose_device, variant_order
+from corom_runtime.machine import cpu_model
+from corom_runtime.engines.base import EncoderSession
+from corom_runtime.engines.registry import open_session
+from corom_runtime.progress import progress_bar
+from corom_runtime.tokenization import TextTokenizer, TokenizedText, check_texts
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +97,7 @@ def present_devices(engines: frozenset[str], want_openvino_devices: bool) -> tup
     """Devices present here: ONNX Runtime's providers, plus OpenVINO's where asked (it costs an import)."""
     present = list(ort_devices())
     if want_openvino_devices and "openvino" in engines:
-        from .openvino_session import openvino_devices
+        from corom_runtime.engines.openvino import openvino_devices
 
         present += [d for d in openvino_devices() if d not in present]
     return tuple(present)
@@ -133,7 +138,7 @@ class Embedder:
     @classmethod
     def load(
         cls,
-        path_or_preset: str | Path = "all-minilm-l6-v2",
+        path_or_preset: str | Path = DEFAULT_PRESET,
         variant: str = "auto",
         device: str = "auto",
         threads: int | None = None,
@@ -144,7 +149,7 @@ class Embedder:
         export_missing: bool = True,
         verify_here: bool = True,
     ) -> "Embedder":
-        """Load an artifact folder, or a preset by name from the user cache (`corom_runtime.presets`).
+        """Load an artifact folder, or a preset by name from the user cache (`corom_runtime.artifacts.presets`).
 
         A preset not exported yet is exported into the cache first when the exporter is installed
         (`export_missing`; minutes, once), else the error names the one command to run.
@@ -152,7 +157,7 @@ class Embedder:
         variant: "auto" picks, among the variants that passed their gate and whose engine is
         installed, the fastest that `corom verify` measured on this CPU (else the engine table's
         order: OpenVINO int8, OpenVINO bf16, ONNX Runtime int8, ...; fp16 on CUDA, the plain graph on
-        TensorRT); or a name from `corom_runtime.engines.VARIANTS`. device: "auto" (the first
+        TensorRT); or a name from `corom_runtime.catalog.VARIANTS`. device: "auto" (the first
         accelerator present, else "cpu"), "cpu", "cuda", "tensorrt", or OpenVINO's "gpu"/"npu"; an
         absent device raises `ProviderUnavailableError` unless `allow_fallback` lets it run on the CPU.
         `embedder.info` shows every choice.
@@ -309,13 +314,14 @@ class Embedder:
         checked = check_texts([texts] if single else texts)
         out = np.empty((len(checked), self.dim), dtype=np.float32)
         reports: list[ItemReport] = []
-        progress = _progress(len(checked), show_progress_bar)
+        bar = progress_bar(len(checked), enabled=show_progress_bar)
         for window in self.encode_iter(checked, batch_size=batch_size, normalize_embeddings=normalize_embeddings,
                                        max_batch_tokens=max_batch_tokens, prompt_name=prompt_name, prompt=prompt):
             out[window.start:window.start + len(window)] = window.vectors
             if return_report:
                 reports.extend(window.reports())
-            progress(len(window))
+            bar.update(len(window))
+        bar.close()
         result = out[0] if single else out
         return (result, reports) if return_report else result
 
@@ -433,26 +439,3 @@ def artifact_or_export(path_or_preset: str | Path, export_missing: bool) -> Arti
             log.warning("exporting preset %s into %s (first use; this takes minutes)", missing.preset, out)
             exporter.export_preset(missing.preset, out)
         return load_artifact(out)
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return lambda n: None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional in the lean runtime
-        done = [0]
-
-        def log_progress(n: int) -> None:
-            done[0] += n
-            log.info("embedded %d/%d", done[0], total)
-
-        return log_progress
-    bar = tqdm(total=total, unit="text", desc="embedding")
-
-    def update(n: int) -> None:
-        bar.update(n)
-        if bar.n >= total:
-            bar.close()
-
-    return update

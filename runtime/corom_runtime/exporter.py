@@ -14,7 +14,7 @@ from functools import lru_cache
 from importlib.metadata import entry_points
 from types import ModuleType
 
-from .errors import CoromError
+from corom_runtime.errors import CoromError
 
 log = logging.getLogger(__name__)
 

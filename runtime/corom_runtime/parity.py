@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .engines import Gate  # the gates live in the engine table, beside each variant
+from corom_runtime.catalog import Gate  # the gates live in the engine table, beside each variant
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

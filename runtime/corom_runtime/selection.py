@@ -7,14 +7,12 @@ functions; tests call them with made-up facts, no engine needed.
 from __future__ import annotations
 
 import logging
-import platform
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
-from .engines import DEVICES, ENGINES, VARIANTS, auto_order
-from .errors import ArtifactError, ProviderUnavailableError
-from .manifest import VariantEntry
+from corom_runtime.catalog import DEVICES, ENGINES, VARIANTS, auto_order, engines_of
+from corom_runtime.errors import ArtifactError, ProviderUnavailableError
+from corom_runtime.artifacts.manifest import VariantEntry
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +38,7 @@ def choose_device(device: str, present: tuple[str, ...], allow_fallback: bool = 
         return allowed[0] if allowed else "cpu"
     if device in present:
         return device
-    engine = ENGINES[DEVICES[device].engine]
+    engine = ENGINES[engines_of(device)[0]]
     message = f"device {device!r} ({DEVICES[device].description}) is not available here (present: {list(present)})"
     if allow_fallback:
         log.warning("%s; falling back to the CPU as allowed", message)
@@ -124,13 +122,3 @@ def variant_order(variants: dict[str, VariantEntry], requested: str, device: str
     return rank_by_speed(candidates, {n: measured_speed(variants[n], machine, device) for n in candidates})
 
 
-@lru_cache(maxsize=1)
-def cpu_model() -> str:
-    """The CPU's model name (as benchmark records and verify's speed entries spell it)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

@@ -12,7 +12,7 @@ from typing import Sequence
 
 from tokenizers import Encoding, Tokenizer
 
-from .errors import InvalidInputTypeError
+from corom_runtime.errors import InvalidInputTypeError
 
 # A text is read up to this many characters per token of max length: far beyond real text (about 4-5
 # characters per token), it bounds the work and memory a 1 MB input can cost.

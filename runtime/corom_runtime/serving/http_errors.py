@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from starlette.responses import JSONResponse
 
-from .errors import BatcherClosedError, InvalidInputError, InvalidInputTypeError, OverloadedError, RequestTooLargeError
+from corom_runtime.errors import BatcherClosedError, InvalidInputError, InvalidInputTypeError, OverloadedError, RequestTooLargeError
 
 KIND = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
         404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
@@ -26,11 +26,16 @@ class HTTPError(Exception):
         self.headers = headers
 
 
-def error_response(status: int, message: str, kind: str | None = None, headers: dict | None = None) -> JSONResponse:
+def error_body(status: int, message: str, kind: str | None = None) -> dict:
+    """The one error shape, for the app's responses and the protocol-level ones `runner` writes itself."""
     kind = kind or KIND.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "code": status}}
+
+
+def error_response(status: int, message: str, kind: str | None = None, headers: dict | None = None) -> JSONResponse:
     if status == 503:
         headers = {"Retry-After": "1", **(headers or {})}
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
+    return JSONResponse(error_body(status, message, kind), status, headers=headers)
 
 
 def from_exception(exc: Exception, request_id: str = "") -> HTTPError:

@@ -21,12 +21,13 @@ import uvicorn
 from uvicorn.protocols.http import h11_impl
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from corom_runtime.serving.http_errors import error_body
+
 log = logging.getLogger(__name__)
 
 
 def _json_error(status: int, message: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error" if status < 500
-                                 else "server_error", "code": status}}).encode()
+    body = json.dumps(error_body(status, message)).encode()
     return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"connection", b"close")], body
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 import time
 from array import array
 from dataclasses import asdict, dataclass, field
@@ -25,9 +24,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .corpus_io import (OUTPUT_FORMATS, Row, ShardData, describe, file_fingerprint, id_hash, input_format,
-                        read_rows, row_problem, shard_path, shard_rows, shard_totals, write_json, write_shard)
-from .errors import CoromError, positive_int
+from corom_runtime.bulk.corpus_io import (OUTPUT_FORMATS, Row, ShardData, describe, file_fingerprint, id_hash,
+                                          input_format, read_rows, row_problem, shard_path, shard_rows, shard_totals, write_json, write_shard)
+from corom_runtime.errors import CoromError, positive_int
+from corom_runtime.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def embed_corpus(options: BulkOptions, load_embedder: Callable[[str | None], "ob
     done = {i for i in range(shards)
             if shard_rows(options.output, i, options.output_format) == _rows_in_shard(i, found.rows, options.shard_size)}
     reused = sum(_rows_in_shard(i, found.rows, options.shard_size) for i in done)
-    bar = _bar(found.rows, reused, progress)
+    bar = progress_bar(found.rows, reused, progress)
     tokens = truncated = embedded = 0
     try:
         for index, rows in enumerate(_shards(read_rows(options.input, fmt, options.text_field, options.id_field),
@@ -307,27 +307,6 @@ def _embed_shard(embedder, rows: list[Row], batch_size: int, bar, prompt_name: s
         truncated[window.start:end] = window.truncated
         bar.update(len(window))
     return ShardData(ids=[row.id for row in rows], vectors=vectors, tokens=tokens, truncated=truncated)
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _bar(total: int, initial: int, enabled: bool | None):
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        log.info("tqdm is not installed: no progress bar")
-        return _NoBar()
-    return tqdm(total=total, initial=initial, unit="text", unit_scale=True, desc="embedding", smoothing=0.05)
 
 
 def assemble_npy(parts: Path, target: Path) -> Path:

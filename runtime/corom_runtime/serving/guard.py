@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from .http_errors import HTTPError, error_response
+from corom_runtime.serving.http_errors import HTTPError, error_response
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,7 @@
-"""ONNX Runtime's execution providers (CPU, CUDA, TensorRT) and the session settings every engine reads."""
+"""The ONNX Runtime engine: its execution providers (CPU, CUDA, TensorRT) and its session.
+
+Imported only when an ONNX Runtime variant is opened or its devices are listed.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +9,14 @@ import hashlib
 import logging
 import shutil
 import subprocess
-from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from .presets import cache_root
-from .threads import available_cpus
+import numpy as np
+
+from corom_runtime.engines.base import OUTPUT, build_feed, check_inputs
+from corom_runtime.engines.settings import GRAPH_LEVELS, SessionSettings
+from corom_runtime.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 
@@ -20,34 +25,8 @@ PROVIDER_OF = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
-GRAPH_LEVELS = {  # names of onnxruntime.GraphOptimizationLevel members
-    "disabled": "ORT_DISABLE_ALL",
-    "basic": "ORT_ENABLE_BASIC",
-    "extended": "ORT_ENABLE_EXTENDED",
-    "all": "ORT_ENABLE_ALL",
-}
 # onnxruntime builds that carry GPU providers; the plain `onnxruntime` wheel has only the CPU one
 GPU_BUILDS = ("onnxruntime-gpu", "onnxruntime-training", "onnxruntime-directml", "onnxruntime-openvino")
-
-
-@dataclass(frozen=True)
-class SessionSettings:
-    """Knobs of a session (ONNX Runtime's or OpenVINO's). `threads=None`: the CPUs this process may use."""
-
-    threads: int | None = None
-    graph_optimization: str = "all"
-    cpu_mem_arena: bool = True
-    cache_dir: Path = field(default_factory=cache_root)  # engine caches (OpenVINO blobs, TensorRT engines)
-    # TensorRT shape profile, matched to the batching buckets (batch up to max_batch, any length).
-    trt_max_batch: int = 64
-    trt_opt_batch: int = 32
-    trt_workspace_bytes: int = 4 << 30
-    # Idle intra-op threads spin before sleeping: quicker single queries (docs/decisions.md); turn it
-    # off where other work must share the CPUs.
-    spin: bool = True
-
-    def resolved_threads(self) -> int:
-        return self.threads if self.threads else available_cpus()
 
 
 def _gpu_build_installed() -> bool:
@@ -141,3 +120,46 @@ def provider_list(device: str, settings: SessionSettings, model_sha256: str, max
         "trt_profile_max_shapes": shape(settings.trt_max_batch, max_length),
     })
     return [trt, cuda, "CPUExecutionProvider"]
+
+
+def device_of_provider(provider: str) -> str:
+    """Our device name for an ONNX Runtime provider name ("cpu" for any provider we do not drive). Pure."""
+    return next((device for device, name in PROVIDER_OF.items() if name == provider), "cpu")
+
+
+class ORTSession:
+    """Runs the sentence-embedding graph on ONNX Runtime. Thread-safe: ONNX Runtime's `run` may be called concurrently."""
+
+    def __init__(self, model_path: Path, device: str, settings: SessionSettings, model_sha256: str,
+                 max_length: int) -> None:
+        self.device = device
+        self.threads = settings.resolved_threads()
+        import onnxruntime as ort  # here, not at import: a process running OpenVINO never needs it
+
+        providers = provider_list(device, settings, model_sha256, max_length)
+        try:
+            self._session = ort.InferenceSession(str(model_path), session_options(settings), providers=providers)
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
+            raise ArtifactError(
+                f"onnxruntime cannot load {model_path} on {device} ({type(exc).__name__}: {exc}); "
+                "if the file is damaged, re-export it with `corom export ... --force`"
+            ) from exc
+        self.inputs = check_inputs([i.name for i in self._session.get_inputs()], model_path)
+        self.providers = self._session.get_providers()
+        # onnxruntime-gpu lists CUDA/TensorRT whether or not they can run here, and silently falls back
+        # to the CPU when they cannot: the device is the one whose provider ORT really put first
+        self.device = device_of_provider(self.providers[0] if self.providers else "")
+        # IO binding on GPUs: inputs go to the device once, the output is written straight into host
+        # memory ORT allocates; no intermediate tensor is copied back.
+        self._bind = device in ("cuda", "tensorrt") and self.providers[0] != "CPUExecutionProvider"
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        feed = build_feed(self.inputs, input_ids, attention_mask)
+        if not self._bind:
+            return self._session.run([OUTPUT], feed)[0]
+        binding = self._session.io_binding()
+        for name, value in feed.items():
+            binding.bind_cpu_input(name, value)
+        binding.bind_output(OUTPUT, "cpu")
+        self._session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .engines import ENGINES
-from .errors import ArtifactError, ProviderUnavailableError
-from .providers import SessionSettings
-from .engine_base import OUTPUT, build_feed, check_inputs
+from corom_runtime.catalog import ENGINES
+from corom_runtime.errors import ArtifactError, ProviderUnavailableError
+from corom_runtime.engines.settings import SessionSettings
+from corom_runtime.engines.base import OUTPUT, build_feed, check_inputs
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """What every engine shares: the session protocol the `Embedder` and `DynamicBatcher` talk to, and
-the graph's feed. The engines (`session` for ONNX Runtime, `openvino_session`) import it; it imports
+the graph's feed. The engines (`ort` for ONNX Runtime, `openvino`) import it; it imports
 neither, so no engine module needs another.
 """
 
@@ -10,7 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import ArtifactError
+from corom_runtime.errors import ArtifactError
 
 INPUT_IDS, ATTENTION_MASK, OUTPUT = "input_ids", "attention_mask", "sentence_embedding"
 TOKEN_TYPE_IDS = "token_type_ids"

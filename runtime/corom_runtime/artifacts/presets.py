@@ -1,12 +1,11 @@
-"""Model presets and where artifacts live.
+"""Model presets.
 
 Presets are package data (`presets.json`, one table): where a model's checkpoint comes from and how to
 turn token states into a sentence embedding (pooling, normalisation), the default max length, the
 score function and the model's prompts (e5's "query: ", bge's query instruction). More presets can be
 added as `NAME.json` files in `$COROM_PRESETS_DIR`.
 
-Artifacts go to a user cache, found by preset name from anywhere: `$COROM_CACHE_DIR` (or
-`corom --cache-dir`), else `~/.cache/corom-onnx`, under `artifacts/NAME`.
+Exported presets live in the user cache, found by name from anywhere (`corom_runtime.artifacts.cache`).
 """
 
 from __future__ import annotations
@@ -14,18 +13,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
-from .errors import PresetError
+from corom_runtime.catalog import POOLINGS, SCORES
+from corom_runtime.errors import PresetError
 
 log = logging.getLogger(__name__)
 
-POOLINGS = ("cls", "mean")
-SCORES = ("dot", "cosine")
 TABLE = Path(__file__).with_name("presets.json")
+# what `Embedder.load()` and the CLI load when no model is named: the model bundled for tests and demos
+DEFAULT_PRESET = "all-minilm-l6-v2"
 
 
 @dataclass(frozen=True)
@@ -55,44 +53,6 @@ class Preset:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def cache_root() -> Path:
-    """The user cache: `$COROM_CACHE_DIR`, else `~/.cache/corom-onnx` (OpenVINO/TensorRT caches live here too)."""
-    env = os.environ.get("COROM_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "corom-onnx"
-
-
-@contextmanager
-def cache_lock(name: str, timeout: float = 3600.0) -> Iterator[None]:
-    """An inter-process lock in the user cache (export on first use, the load-time CPU check), so two
-    processes never do the same work into the same place. A cache we cannot write to has no lock:
-    the work is then done without one (and not cached)."""
-    from filelock import FileLock
-
-    folder = cache_root() / "locks"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(folder / f"{name}.lock"), timeout=timeout)
-        lock.acquire()
-    except OSError as exc:
-        log.info("no lock for %s in %s (%s): going on without one", name, folder, exc)
-        yield
-        return
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def artifact_dir(name: str) -> Path:
-    """Where `corom export NAME` writes, and where `Embedder.load(NAME)` looks."""
-    return cache_root() / "artifacts" / name
-
-
-def build_dir(name: str) -> Path:
-    """A clone's `models/build/NAME` (where `make demo` and the benchmarks export)."""
-    return Path(__file__).resolve().parents[2] / "models" / "build" / name
 
 
 def _user_presets() -> dict[str, dict]:

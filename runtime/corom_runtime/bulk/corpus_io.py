@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import CoromError
+from corom_runtime.errors import CoromError
 
 INPUT_FORMATS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 OUTPUT_FORMATS = ("parquet", "npy")

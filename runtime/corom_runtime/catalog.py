@@ -2,7 +2,7 @@
 
 The runtime (session choice, `variant="auto"`), the CLI (its choices and help), the exporter (which
 files to write, which gate each variant must pass), the benchmarks and the tests all read these
-three tables instead of spelling variant or device names themselves.
+tables instead of spelling variant or device names themselves.
 
 - An **engine** is an inference library, each an install extra: ONNX Runtime (`[cpu]`, or `[gpu]` with
   CUDA/TensorRT: one build, never both) or OpenVINO (`[openvino]`).
@@ -34,8 +34,6 @@ class Engine:
 @dataclass(frozen=True)
 class Device:
     name: str
-    engine: str            # the engine that drives it (cpu is driven by both: see VARIANTS)
-    accelerator: bool      # auto prefers accelerators, in table order
     description: str
 
 
@@ -59,7 +57,6 @@ class VariantSpec:
     devices: tuple[str, ...]
     gate: Gate
     recipe: str            # how the exporter builds it, one line for `corom info` and the manifest
-    batch_invariant: bool  # whether the recipe keeps a text's vector independent of its batch mates
 
 
 ENGINES: dict[str, Engine] = {
@@ -68,13 +65,15 @@ ENGINES: dict[str, Engine] = {
     "openvino": Engine("openvino", "openvino", "pip install 'corom-onnx[openvino]'", ("cpu", "gpu", "npu")),
 }
 
-DEVICES: dict[str, Device] = {
-    "tensorrt": Device("tensorrt", "onnxruntime", True, "NVIDIA GPU through ONNX Runtime's TensorRT provider"),
-    "cuda": Device("cuda", "onnxruntime", True, "NVIDIA GPU through ONNX Runtime's CUDA provider"),
-    "gpu": Device("gpu", "openvino", True, "Intel GPU through OpenVINO"),
-    "npu": Device("npu", "openvino", True, "Intel NPU through OpenVINO"),
-    "cpu": Device("cpu", "onnxruntime", False, "the CPU, through OpenVINO when installed, else ONNX Runtime"),
-}
+# Table order is `device="auto"`'s preference: accelerators first, the CPU last. Which engine drives a
+# device is `ENGINES[...].devices` (the CPU is driven by both).
+DEVICES: dict[str, Device] = {d.name: d for d in (
+    Device("tensorrt", "NVIDIA GPU through ONNX Runtime's TensorRT provider"),
+    Device("cuda", "NVIDIA GPU through ONNX Runtime's CUDA provider"),
+    Device("gpu", "Intel GPU through OpenVINO"),
+    Device("npu", "Intel NPU through OpenVINO"),
+    Device("cpu", "the CPU, through OpenVINO when installed, else ONNX Runtime"),
+)}
 
 # Gates tightened where measured better. int8: cos >= 0.99 on *every* evaluation text and top-10 >=
 # 0.97: at 0.98 / 0.9 a recipe whose worst text sat at 0.982-0.987 on one CPU passed there and fell
@@ -87,20 +86,27 @@ VARIANTS: dict[str, VariantSpec] = {v.name: v for v in (
     VariantSpec("ov-int8", "model.ov-int8.xml", "openvino", "int8", ("cpu",),
                 Gate(min_cosine=0.99, top10_agreement=0.97, batch_invariance=0.9995),
                 "NNCF static int8 of the attention's Q/K/V projections (SmoothQuant 0.5); the rest in bf16 "
-                "(f32 where the CPU lacks bf16)", True),
+                "(f32 where the CPU lacks bf16)"),
     VariantSpec("ov-bf16", "model.fp32.onnx", "openvino", "bf16", ("cpu", "gpu", "npu"),
                 Gate(min_cosine=0.9999, top10_agreement=0.98, batch_invariance=0.9999),
-                "the plain graph, OpenVINO inference precision bf16 (f32 where the CPU lacks bf16)", True),
+                "the plain graph, OpenVINO inference precision bf16 (f32 where the CPU lacks bf16)"),
     VariantSpec("int8", "model.int8.onnx", "onnxruntime", "int8", ("cpu",),
                 Gate(min_cosine=0.99, top10_agreement=0.97, batch_invariance=0.9999),
-                "ONNX Runtime MatMulNBits: 8-bit weights in blocks of 32, int8 activations per token", True),
+                "ONNX Runtime MatMulNBits: 8-bit weights in blocks of 32, int8 activations per token"),
     VariantSpec("opt", "model.opt.onnx", "onnxruntime", "fp32", ("cpu", "cuda"), _LOSSLESS,
-                "ONNX Runtime BERT fusions", True),
+                "ONNX Runtime BERT fusions"),
     VariantSpec("fp16", "model.fp16.onnx", "onnxruntime", "fp16", ("cuda", "cpu"),
-                Gate(min_cosine=0.999, batch_invariance=0.999), "fp16 after fusion, LayerNorm/Softmax fp32", True),
+                Gate(min_cosine=0.999, batch_invariance=0.999), "fp16 after fusion, LayerNorm/Softmax fp32"),
     VariantSpec("fp32", "model.fp32.onnx", "onnxruntime", "fp32", ("tensorrt", "cpu"), _LOSSLESS,
-                "plain export (TensorRT's input)", True),
+                "plain export (TensorRT's input)"),
 )}
+
+# How token states become one vector, and how two vectors are scored: presets and manifests
+# accept these only.
+POOLINGS = ("cls", "mean")
+
+
+SCORES = ("dot", "cosine")
 
 # ONNX Runtime int8 recipes (`corom export --int8-recipe`); the first is the default. What each keeps in
 # float and what it measured: `corom_export.int8`.
@@ -124,6 +130,11 @@ def engine_installed(engine: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
         return False
+
+
+def engines_of(device: str) -> list[str]:
+    """The engines that drive `device`, in table order (the CPU: both)."""
+    return [name for name, engine in ENGINES.items() if device in engine.devices]
 
 
 def variant_names() -> list[str]:

@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .engines import ENGINES, VARIANTS
-from .errors import ArtifactError
-from .presets import POOLINGS, SCORES  # one list of poolings and score functions, for presets and artifacts
+from corom_runtime.catalog import ENGINES, VARIANTS
+from corom_runtime.errors import ArtifactError
+from corom_runtime.catalog import (POOLINGS, SCORES)  # one list of poolings and score functions, for presets and artifacts
 
 MANIFEST = "manifest.json"
 # 2: variants name their engine, devices and recipe, and may carry weights (OpenVINO IR) and speed.

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import ArtifactError, MissingArtifactError
-from .manifest import MANIFEST, Manifest, VariantEntry
-from .presets import artifact_dir, build_dir, find_preset, list_presets
+from corom_runtime.errors import ArtifactError, MissingArtifactError
+from corom_runtime.artifacts.manifest import MANIFEST, Manifest, VariantEntry
+from corom_runtime.artifacts.cache import artifact_dir, build_dir
+from corom_runtime.artifacts.presets import find_preset, list_presets
 
 if TYPE_CHECKING:
-    from .cpu_check import CheckSet
+    from corom_runtime.cpu_check import CheckSet
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -108,7 +109,7 @@ class Artifact:
 
     def check_set(self) -> "CheckSet | None":
         """The load-time check set (`cpu_check`), checksum-verified; None for an artifact without one."""
-        from .cpu_check import CheckSet
+        from corom_runtime.cpu_check import CheckSet
 
         if not self.manifest.check:
             return None

@@ -3,8 +3,8 @@
 Endpoints: OpenAI-compatible `POST /v1/embeddings`, `POST /embed` (`{"inputs": [...]}`),
 `POST /similarity` (ModelScope's dict), `GET /health`, Prometheus `GET /metrics`.
 Whatever a client sends, the answer is a success or a 4xx/503 in one JSON error shape
-(`http_errors`); the request guard (`http_guard`) checks Host/Origin, framing, size and time first;
-uvicorn is run with head timeouts and a drain deadline (`uvicorn_server`).
+(`http_errors`); the request guard (`guard`) checks Host/Origin, framing, size and time first;
+uvicorn is run with head timeouts and a drain deadline (`runner`).
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from .dynamic_batcher import BatcherSettings, DynamicBatcher
-from .embedder import Embedder
-from .errors import InvalidInputError, positive_int
-from .http_errors import HTTPError, error_response, from_exception
-from .http_guard import LOOPBACK_HOSTS, GuardSettings, RequestGuard
+from corom_runtime.serving.batcher import BatcherSettings, DynamicBatcher
+from corom_runtime.embedder import Embedder
+from corom_runtime.errors import InvalidInputError, positive_int
+from corom_runtime.serving.http_errors import HTTPError, error_response, from_exception
+from corom_runtime.serving.guard import LOOPBACK_HOSTS, GuardSettings, RequestGuard
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class ServerSettings:
     api_key: str | None = None
     # with a key set, full /health and /metrics need it too; without it /health answers liveness only
     public_health: bool = False
-    allowed_hosts: tuple[str, ...] | None = None   # see http_guard; `serve` sets loopback names on loopback
+    allowed_hosts: tuple[str, ...] | None = None   # see guard; `serve` sets loopback names on loopback
     allowed_origins: tuple[str, ...] = ()
     body_timeout_s: float = 10.0
     header_timeout_s: float = 10.0
@@ -334,7 +334,7 @@ def serve(args) -> int:
     """Run the server for the CLI's parsed `args` (see `corom serve --help`). Exit status 0 after a drain."""
     import uvicorn
 
-    from .uvicorn_server import DrainingServer, guarded_protocol
+    from corom_runtime.serving.runner import DrainingServer, guarded_protocol
 
     loopback = args.host in LOOPBACK_HOSTS
     hosts = tuple(args.allowed_host) if args.allowed_host else (LOOPBACK_HOSTS if loopback else None)
