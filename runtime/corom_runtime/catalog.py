@@ -29,6 +29,8 @@ class Engine:
     module: str            # the Python module that must be importable
     install: str           # what to run when it is not
     devices: tuple[str, ...]
+    # pads every input to a shape bucket (`corom_runtime.shapes`): engines that compile per shape
+    shape_buckets: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,8 @@ class VariantSpec:
 ENGINES: dict[str, Engine] = {
     "onnxruntime": Engine("onnxruntime", "onnxruntime", "pip install 'corom-onnx[cpu]' (ONNX Runtime; '[gpu]' on NVIDIA machines)",
                           ("cpu", "cuda", "tensorrt")),
-    "openvino": Engine("openvino", "openvino", "pip install 'corom-onnx[openvino]'", ("cpu", "gpu", "npu")),
+    "openvino": Engine("openvino", "openvino", "pip install 'corom-onnx[openvino]'", ("cpu", "gpu", "npu"),
+                       shape_buckets=True),
 }
 
 # Table order is `device="auto"`'s preference: accelerators first, the CPU last. Which engine drives a

@@ -385,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-seconds", type=float, default=None,
                    help="on SIGTERM, how long accepted requests may take before the rest get 503 "
                         "(default: a full queue at the rate measured at start, 10 s to 10 min)")
+    p.add_argument("--access-log", action="store_true",
+                   help="log one line per request (off by default: it costs ~0.2 ms a request; /metrics counts them)")
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -16,17 +16,20 @@ import numpy as np
 from corom_runtime.catalog import ENGINES
 from corom_runtime.errors import ArtifactError, ProviderUnavailableError
 from corom_runtime.engines.settings import SessionSettings
+from corom_runtime.shapes import pad_to_bucket
 from corom_runtime.engines.base import OUTPUT, build_feed, check_inputs
 
 log = logging.getLogger(__name__)
 
 OV_DEVICE = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU"}
-OV_SHAPE_CACHE = 64
-# oneDNN (inside OpenVINO's CPU plugin) caches one compiled primitive per layer and input shape
-# process-wide (1,024 by default): under a server's changing shapes its RSS kept growing (figures in
-# docs/decisions.md). Read once, when the plugin loads: set before OpenVINO is imported; an explicit
-# ONEDNN_PRIMITIVE_CACHE_CAPACITY wins.
-ONEDNN_PRIMITIVE_CACHE = 64
+# The CPU plugin keeps compiled kernels per input shape (5,000 by default), and oneDNN inside it one
+# primitive per layer and shape, process-wide (1,024). Every input is padded to a shape bucket
+# (`corom_runtime.shapes`), so the shapes are few and both caches hold all of them: memory is bounded
+# by the buckets, and no hot kernel is evicted (a cap of 64 without buckets evicted and rebuilt them:
+# p99 2.8x p50; figures in docs/decisions.md). oneDNN's is read once, when the plugin loads: set
+# before OpenVINO is imported; an explicit ONEDNN_PRIMITIVE_CACHE_CAPACITY wins.
+OV_SHAPE_CACHE = 1024
+ONEDNN_PRIMITIVE_CACHE = 1024
 OV_PRECISION = {"bf16": "bf16", "fp16": "f16", "fp32": "f32", "int8": "bf16"}
 
 
@@ -64,8 +67,6 @@ def compile_config(device: str, precision: str, settings: SessionSettings, capab
             wanted = "f32"
         config.update({"INFERENCE_NUM_THREADS": settings.resolved_threads(), "NUM_STREAMS": 1,
                        "INFERENCE_PRECISION_HINT": wanted,
-                       # the CPU plugin keeps compiled kernels per input shape (5,000 by default):
-                       # bounded, or a server's memory grows with the shapes it meets (docs/decisions.md)
                        "CPU_RUNTIME_CACHE_CAPACITY": OV_SHAPE_CACHE})
     elif precision in ("fp32",):
         config["INFERENCE_PRECISION_HINT"] = "f32"
@@ -76,9 +77,12 @@ class OpenVINOSession:
     """`(input_ids, attention_mask) -> embeddings` on OpenVINO. Thread-safe: each call takes its own
     infer request from a pool (created on demand), so concurrent callers never share buffers."""
 
-    def __init__(self, model_path: Path, device: str, settings: SessionSettings, precision: str) -> None:
+    def __init__(self, model_path: Path, device: str, settings: SessionSettings, precision: str,
+                 max_length: int) -> None:
         ov = import_openvino()
         self.device = device
+        self.max_length = max_length
+        self.shape_buckets = ENGINES["openvino"].shape_buckets
         self.threads = settings.resolved_threads()
         core = ov.Core()
         target = OV_DEVICE[device]
@@ -126,10 +130,13 @@ class OpenVINOSession:
         return self._requests.get()  # every request is busy: wait for one to come back
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        rows = len(input_ids)
+        if self.shape_buckets:
+            input_ids, attention_mask = pad_to_bucket(input_ids, attention_mask, self.max_length)
         request = self._take_request()
         try:
             result = request.infer(build_feed(self.inputs, input_ids, attention_mask))
             # the request reuses its output buffer on the next call: hand the caller its own copy
-            return np.array(result[self._output], dtype=np.float32, copy=True)
+            return np.array(result[self._output][:rows], dtype=np.float32, copy=True)
         finally:
             self._requests.put(request)

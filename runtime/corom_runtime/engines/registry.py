@@ -17,5 +17,5 @@ def open_session(entry: VariantEntry, model_path: Path, device: str, settings: S
     if entry.engine == "openvino":
         from corom_runtime.engines.openvino import OpenVINOSession
 
-        return OpenVINOSession(model_path, device, settings, entry.precision)
+        return OpenVINOSession(model_path, device, settings, entry.precision, max_length)
     return ORTSession(model_path, device, settings, entry.sha256, max_length)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -77,6 +78,7 @@ class ServerSettings:
 OFFLOAD_BODY_BYTES = 16 * 1024
 OFFLOAD_TEXT_CHARS = 8 * 1024
 OFFLOAD_FLOATS = 16 * 1024
+WATCH_AFTER_S = 0.05
 
 
 def _parse(body: bytes) -> Any:
@@ -91,6 +93,17 @@ def _parse(body: bytes) -> Any:
 async def _json(request: Request) -> Any:
     body = await request.body()
     return await asyncio.to_thread(_parse, body) if len(body) > OFFLOAD_BODY_BYTES else _parse(body)
+
+
+class VectorsResponse(Response):
+    """JSON with numpy arrays rendered by orjson: float32 values in their shortest exact form (half the
+    bytes of `json.dumps(arr.tolist())`, whose float64 repr prints 17 digits) in a tenth of the time
+    (0.15 ms for one 384-d vector with the standard library)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 async def _respond(build: Callable[[], Response], floats: int) -> Response:
@@ -176,6 +189,11 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
         result = asyncio.wrap_future(ticket.future)
         # a forced exit fails it after its handler is gone: retrieve the error so it is not logged as lost
         result.add_done_callback(lambda f: f.cancelled() or f.exception())
+        # most answers come in milliseconds: only a request still waiting after WATCH_AFTER_S gets a
+        # task that watches for its client leaving (creating one per request cost ~0.1 ms)
+        done, _ = await asyncio.wait({result}, timeout=WATCH_AFTER_S)
+        if done:
+            return result.result(), ticket.token_count
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             done, _ = await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -224,10 +242,10 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
         def build() -> Response:
             data = []
             for i, row in enumerate(emb):
-                value: Any = base64.b64encode(row.astype("<f4").tobytes()).decode() if fmt == "base64" else row.tolist()
+                value: Any = base64.b64encode(row.astype("<f4").tobytes()).decode() if fmt == "base64" else row
                 data.append({"object": "embedding", "index": i, "embedding": value})
-            return JSONResponse({"object": "list", "data": data, "model": model or embedder.info.model,
-                                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+            return VectorsResponse({"object": "list", "data": data, "model": model or embedder.info.model,
+                                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
         return await _respond(build, emb.size)
 
     async def embed(request: Request) -> Response:
@@ -236,7 +254,7 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
             raise HTTPError(400, "body must be a JSON object with 'inputs' (a string or a list of strings)")
         texts = _with_prompt(embedder, body, _texts(body["inputs"], "inputs", settings.max_items))
         emb, _ = await embed_texts(request, texts)
-        return await _respond(lambda: JSONResponse(emb.tolist()), emb.size)
+        return await _respond(lambda: VectorsResponse(emb), emb.size)
 
     async def similarity(request: Request) -> Response:
         body = await _json(request)
@@ -248,8 +266,8 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
         compare = _texts(body.get("sentences_to_compare", []), "sentences_to_compare", settings.max_items - 1,
                          allow_empty=True)
         emb, _ = await embed_texts(request, source + compare)
-        scores = embedder.similarity(emb[:1], emb[1:])[0].tolist() if compare else []
-        return await _respond(lambda: JSONResponse({"text_embedding": emb.tolist(), "scores": scores}), emb.size)
+        scores = embedder.similarity(emb[:1], emb[1:])[0] if compare else []
+        return await _respond(lambda: VectorsResponse({"text_embedding": emb, "scores": scores}), emb.size)
 
     async def health(request: Request) -> Response:
         b = state["batcher"]
@@ -364,7 +382,7 @@ def serve(args) -> int:
         app, host=args.host, port=args.port, log_level="info",
         http=guarded_protocol(settings.header_timeout_s, settings.max_header_bytes),
         limit_concurrency=settings.max_connections, h11_max_incomplete_event_size=settings.max_header_bytes,
-        timeout_keep_alive=5,
+        timeout_keep_alive=5, access_log=args.access_log,
     )
     server = DrainingServer(config, drain, on_deadline)
     started = time.perf_counter()

@@ -1,0 +1,64 @@
+"""Shape buckets (single-query latency issue): the bucket choice as pure functions, and padded inputs
+that leave every OpenVINO variant's vectors within its own batch-invariance gate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from corom_runtime import Embedder
+from corom_runtime.batching import pad_batch
+from corom_runtime.catalog import ENGINES, VARIANTS, engine_installed
+from corom_runtime.shapes import BATCH_SIZES, bucket_length, bucket_rows, bucket_shapes, pad_to_bucket
+
+OPENVINO_VARIANTS = [n for n, v in VARIANTS.items() if v.engine == "openvino" and "cpu" in v.devices]
+
+
+@pytest.mark.parametrize("max_length", [16, 72, 128, 512])
+def test_length_buckets_cover_every_length_with_few_shapes(max_length):
+    buckets = [bucket_length(n, max_length) for n in range(1, max_length + 1)]
+    assert all(b >= n for n, b in zip(range(1, max_length + 1), buckets))  # never cuts
+    assert max(buckets) == max_length and buckets == sorted(buckets)       # never past the model's window
+    assert len(set(buckets)) <= -(-max_length // 16)                      # a multiple of 16, or max_length
+    assert all(b - n < 16 for n, b in zip(range(1, max_length + 1), buckets))
+
+
+def test_row_buckets_waste_at_most_half_and_are_few():
+    for n in range(1, 257):
+        r = bucket_rows(n)
+        assert n <= r and (r <= 1.5 * n if n <= BATCH_SIZES[-1] else r - n < BATCH_SIZES[-1]), (n, r)
+    assert len({bucket_rows(n) for n in range(1, 33)}) == len(BATCH_SIZES) and bucket_rows(1) == 1
+    assert bucket_shapes(128) == 8 * len(BATCH_SIZES)
+
+
+def test_padding_masks_new_columns_and_repeats_a_real_row():
+    ids = np.arange(1, 16, dtype=np.int64).reshape(5, 3)
+    mask = np.array([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]], dtype=np.int64)
+    pid, pmask = pad_to_bucket(ids, mask, 128)
+    assert pid.shape == pmask.shape == (6, 16)
+    np.testing.assert_array_equal(pid[:5, :3], ids)
+    np.testing.assert_array_equal(pmask[:5, :3], mask)
+    assert pmask[:, 3:].sum() == 0 and (pid[5, :3] == ids[0]).all() and (pmask[5, :3] == mask[0]).all()
+    same = np.ones((8, 16), np.int64)
+    assert pad_to_bucket(same, same, 128)[0] is same  # already a bucket: no copy
+
+
+def test_only_engines_that_compile_per_shape_pad():
+    assert ENGINES["openvino"].shape_buckets and not ENGINES["onnxruntime"].shape_buckets
+
+
+@pytest.mark.skipif(not engine_installed("openvino"), reason="the OpenVINO engine is not installed")
+@pytest.mark.parametrize("variant", OPENVINO_VARIANTS)
+def test_bucketed_vectors_stay_within_the_variants_own_gate(bundled_artifact, variant):
+    emb = Embedder.load(bundled_artifact, variant=variant, device="cpu", verify_here=False)
+    assert emb.session.shape_buckets
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jars".split()
+    texts = [" ".join(words[: 1 + i % len(words)] * (1 + i // 7)) for i in range(37)]
+    items = emb.tokenizer.encode(texts)
+    padded = np.concatenate([emb.session.run(*pad_batch(items[i:i + 5], emb.artifact.pad_id))
+                             for i in range(0, len(items), 5)])  # rows 5 -> 6, lengths to a multiple of 16
+    emb.session.shape_buckets = False
+    exact = np.concatenate([emb.session.run(*pad_batch([item], emb.artifact.pad_id)) for item in items])
+    cos = (padded * exact).sum(1) / np.linalg.norm(padded, axis=1) / np.linalg.norm(exact, axis=1)
+    assert padded.shape == exact.shape == (37, emb.dim)
+    assert cos.min() >= VARIANTS[variant].gate.batch_invariance, cos.min()
