@@ -1,9 +1,11 @@
-"""Soak: `corom serve` under steady load for a long time; memory must stay flat, counters exact.
+"""Soak: `corom serve` under steady load of random shapes for a long time; memory must stay flat,
+counters exact, and a single query as quick after it as before.
 
-`python -m benchmarks.soak --minutes 30` starts a real server process on 127.0.0.1, runs N client
-threads (each: a request, wait for the answer, the next; a share of bad requests too) for the given
-time, samples the server's RSS every few seconds, and writes `benchmarks/results/soak-*.json` and a
-Markdown summary. Bounded in count and time; loopback only.
+`python -m benchmarks.soak --minutes 30` starts a real server process on 127.0.0.1, measures
+single-query latency (one client, `--probe-calls` calls), runs N client threads (each: a request of
+1..32 texts of 1..~128 tokens, wait for the answer, the next; 5% bad requests) for the given time,
+samples the server's RSS every 10 s, measures single-query latency again, and writes
+`benchmarks/results/soak-*.json` and a Markdown summary. Bounded in count and time; loopback only.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import httpx
 from corom_export.corpus import workload_corpus
 from corom_runtime.artifacts.cache import build_dir
 
+from .concurrency import percentiles
 from .run import RESULTS
 from .served import start_server, write_result
 
@@ -43,6 +46,18 @@ def growth(samples: list[tuple[float, float]], from_s: float) -> float | None:
     return (later[-1] - later[0]) / later[0] if len(later) >= 2 else None
 
 
+def single_query_latency(url: str, queries: list[str], calls: int) -> dict:
+    """One client, one text per request, back to back: p50/p95/p99 ms."""
+    times = []
+    with httpx.Client(base_url=url, timeout=30) as c:
+        for i in range(calls + 20):
+            start = time.perf_counter()
+            c.post("/embed", json={"inputs": [queries[i % len(queries)]]}).raise_for_status()
+            if i >= 20:  # the first calls warm the connection up
+                times.append(time.perf_counter() - start)
+    return percentiles(times)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=30.0, help="how long to run (default 30)")
@@ -50,11 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifact", default=str(build_dir("all-minilm-l6-v2")), help="artifact to serve")
     p.add_argument("--variant", default="auto", help="variant to serve (default auto)")
     p.add_argument("--port", type=int, default=18931, help="loopback port (default 18931)")
+    p.add_argument("--probe-calls", type=int, default=2000, help="single-query calls before and after (default 2000)")
     p.add_argument("--out", default=str(RESULTS), help="results folder")
     args = p.parse_args(argv)
     texts = workload_corpus("long", n_queries=200, n_passages=2000)
     pool = texts.queries + texts.passages
+    queries = workload_corpus("mixed", n_queries=200, n_passages=10).queries
     proc, url = start_server(["--model", args.artifact, "--variant", args.variant], args.port)
+    before = single_query_latency(url, queries, args.probe_calls)
     duration = args.minutes * 60
     start = time.time()
     counts = {"ok": 0, "client_error": 0, "other": 0}
@@ -65,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         with httpx.Client(timeout=60) as c:
             while time.time() - start < duration:
                 bad = rng.random() < 0.05
-                body = {"inputs": 42} if bad else {"inputs": rng.sample(pool, rng.randint(1, 8))}
+                # random shapes: 1..32 texts, each cut to 1..100 words (about 1..128 tokens)
+                body = {"inputs": 42} if bad else {"inputs": [" ".join(t.split()[:rng.randint(1, 100)])
+                                                              for t in rng.sample(pool, rng.randint(1, 32))]}
                 try:
                     status = c.post(url + "/embed", json=body).status_code
                 except httpx.HTTPError:
@@ -84,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(10)
     for t in threads:
         t.join()
+    after = single_query_latency(url, queries, args.probe_calls)
     text = httpx.get(url + "/metrics").text
     served = metric(text, "corom_requests_total")
     proc.send_signal(signal.SIGTERM)
@@ -93,12 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         "clients": args.clients, "variant": args.variant, "counts": counts, "server_requests_total": served,
         "counters_exact": served == counts["ok"], "rss_samples": samples,
         "rss_growth_from_minute_5": growth(samples, 300.0), "exit_code": exit_code,
+        "single_query_before": before, "single_query_after": after,
     }
     g = result["rss_growth_from_minute_5"]
     summary = (f"Soak {args.minutes:g} min, {args.clients} clients: {counts['ok']} answered 200, "
                f"{counts['client_error']} bad requests answered 4xx, {counts['other']} other; server counted "
                f"{served:.0f} (exact: {result['counters_exact']}); RSS {samples[0][1]:.0f} -> {samples[-1][1]:.0f} MB, "
-               f"growth from minute 5: {'-' if g is None else f'{g:.2%}'}; exit {exit_code}\n")
+               f"growth from minute 5: {'-' if g is None else f'{g:.2%}'}; exit {exit_code}. Single query through "
+               f"the server, p50 / p99 ms: before {before['p50_ms']:.2f} / {before['p99_ms']:.2f}, after "
+               f"{after['p50_ms']:.2f} / {after['p99_ms']:.2f}\n")
     write_result(Path(args.out), "soak", result, summary)
     return 0 if result["counters_exact"] and counts["other"] == 0 and exit_code == 0 else 1
 

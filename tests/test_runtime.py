@@ -173,9 +173,9 @@ def test_many_texts_are_windowed(int8, monkeypatch):
     seen = []
     original = fake.tokenizer.encode
 
-    def spy(texts):
+    def spy(texts, **options):
         seen.append(len(texts))
-        return original(texts)
+        return original(texts, **options)
 
     monkeypatch.setattr(fake.tokenizer, "encode", spy)
     n = 3 * embedder_module.WINDOW + 123  # three full windows and a partial one prove the windowing

@@ -205,11 +205,11 @@ def test_a_slow_tokenizer_does_not_block_the_event_loop(fp32_embedder, monkeypat
     saw_health: list[bool] = []
     real_encode = fp32_embedder.tokenizer.encode
 
-    def slow_encode(texts):
+    def slow_encode(texts, **options):
         if len(texts) > 100:
             tokenizing.set()
             saw_health.append(health_answered.wait(30))
-        return real_encode(texts)
+        return real_encode(texts, **options)
 
     settings = ServerSettings(max_items=256, max_body_bytes=4 << 20, batcher=BatcherSettings(max_wait_ms=1))
     running = _server(create_app(fp32_embedder, settings))

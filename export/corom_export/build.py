@@ -16,6 +16,7 @@ from onnxruntime.transformers.onnx_model import OnnxModel
 
 from corom_runtime.artifacts.artifact import sha256_file
 from corom_runtime.cpu_check import CHECK_FILE
+from corom_runtime.shaping import QUANTIZATION_FILE
 from corom_runtime.artifacts.manifest import MANIFEST, Manifest
 from corom_runtime.catalog import INT8_RECIPES, VARIANTS
 from corom_runtime.errors import CoromError, PresetError
@@ -185,7 +186,7 @@ def check_replaceable(out: Path) -> None:
     try:
         ours = artifact_files(Manifest.read(out / MANIFEST))
     except CoromError:  # a damaged manifest still marks corom's folder: its usual files only
-        ours = {MANIFEST, "tokenizer.json", CHECK_FILE, *FILES.values(), *(f.replace(".xml", ".bin") for f in FILES.values())}
+        ours = {MANIFEST, "tokenizer.json", CHECK_FILE, QUANTIZATION_FILE, *FILES.values(), *(f.replace(".xml", ".bin") for f in FILES.values())}
     foreign = sorted(present - ours)
     if foreign:
         raise CoromError(f"{out} holds files `corom export` did not write ({', '.join(foreign[:5])}"
@@ -197,8 +198,9 @@ def artifact_files(manifest: Manifest) -> set[str]:
     names = {MANIFEST, manifest.tokenizer.file}
     for entry in manifest.variants.values():
         names |= {relative for relative, _ in entry.files()}
-    if manifest.check:
-        names.add(manifest.check["file"])
+    for extra in (manifest.check, manifest.quantization):
+        if extra:
+            names.add(extra["file"])
     return names
 
 

@@ -19,13 +19,14 @@ import torch
 from corom_runtime import Embedder
 from corom_runtime.artifacts.artifact import load_artifact, sha256_file
 from corom_runtime.batching import pad_batch, plan_batches
+from corom_runtime.shaping import QUANTIZATION_FILE
 from corom_runtime.cpu_check import CHECK_FILE, CheckSet, Platform, matching_record, pick_check_texts
 from corom_runtime.catalog import VARIANTS, Gate, engine_installed
 from corom_runtime.errors import CoromError
 from corom_runtime.machine import cpu_model
 from corom_runtime.tokenization import TextTokenizer, TokenizedText
 
-from .corpus import parity_corpus
+from .corpus import calibration_texts, parity_corpus
 from .parity import Parity, batch_invariance, compare, cosine_rows
 from .reference import SentenceEncoder, build_reference
 from .sources import resolve
@@ -143,6 +144,19 @@ def write_check_set(folder: Path, texts: list[str], n_queries: int, reference: n
             "queries": len(queries)}
 
 
+QUANTIZATION_TEXTS = 512
+
+
+def write_quantization_set(folder: Path, encoder: SentenceEncoder, tokenizer: TextTokenizer, dim: int,
+                           pad_id: int, n: int = QUANTIZATION_TEXTS) -> dict:
+    """The PyTorch reference's vectors of `n` calibration texts (never evaluated): what int8/uint8
+    vector precision scales each dimension by, at any truncate_dim (`corom_runtime.shaping`)."""
+    vectors = reference_embed(encoder, tokenizer.encode(calibration_texts(n)), dim, pad_id)
+    with open(folder / QUANTIZATION_FILE, "wb") as handle:
+        np.savez(handle, vectors=vectors.astype(np.float32))
+    return {"file": QUANTIZATION_FILE, "sha256": sha256_file(folder / QUANTIZATION_FILE), "texts": len(vectors)}
+
+
 def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, variants: list[str] | None = None,
                     stsb: bool = True, threads: int | None = None, write: bool = True, *,
                     stsb_pairs: int | None = None, speed_texts: int = SPEED_TEXTS,
@@ -237,6 +251,9 @@ def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, va
                                           "min_cosine": r.parity.min_cosine if r.parity else None,
                                           "top10_agreement": r.parity.top10_agreement if r.parity else None,
                                           "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        if variants is None or not manifest.quantization:
+            manifest.quantization = write_quantization_set(artifact.path, encoder, tokenizer, artifact.dim,
+                                                           artifact.pad_id)
         if platforms and (variants is None or not manifest.check):
             # a full run picks the check set anew; a run over some variants keeps the one the others'
             # figures refer to

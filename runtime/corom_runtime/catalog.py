@@ -111,6 +111,10 @@ POOLINGS = ("cls", "mean")
 
 SCORES = ("dot", "cosine")
 
+# What `encode(precision=...)` and the server's "precision" return (sentence-transformers' names):
+# float32 vectors, or per-dimension int8/uint8 levels, or packed sign bits (`corom_runtime.shaping`).
+PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
+
 # ONNX Runtime int8 recipes (`corom export --int8-recipe`); the first is the default. What each keeps in
 # float and what it measured: `corom_export.int8`.
 INT8_RECIPES = ("nbits8", "attention", "smooth", "no-ffn-out", "full")

@@ -13,9 +13,10 @@ import traceback
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from corom_runtime.catalog import DEVICES, INT8_RECIPES, VARIANTS, device_names, variant_names
+from corom_runtime.catalog import DEVICES, INT8_RECIPES, PRECISIONS, VARIANTS, device_names, variant_names
 from corom_runtime.exporter import require_exporter
 from corom_runtime.errors import CoromError
+from corom_runtime.tokenization import DIRECTIONS
 from corom_runtime.bulk.corpus_io import INPUT_FORMATS, OUTPUT_FORMATS, describe, input_format, read_rows, row_problem
 from corom_runtime.artifacts.cache import artifact_dir, cache_root
 from corom_runtime.artifacts.presets import DEFAULT_PRESET, list_presets, load_preset
@@ -81,9 +82,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
     with out if args.output else contextlib.nullcontext(out):
         pending: deque[str] = deque()  # the texts of the window being embedded, to echo beside their vectors
         for window in embedder.encode_iter(_tee(_read_texts(args), pending), batch_size=args.batch_size,
-                                           prompt_name=args.prompt_name):
+                                           prompt_name=args.prompt_name, truncate_dim=args.truncate_dim,
+                                           precision=args.precision, truncate=args.truncate,
+                                           truncation_direction=args.truncation_direction):
             for row, tokens, cut in zip(window.vectors, window.tokens.tolist(), window.truncated.tolist()):
-                record = {"text": pending.popleft(), "embedding": [round(float(x), 7) for x in row]}
+                values = [round(float(x), 7) for x in row] if args.precision == "float32" else row.tolist()
+                record = {"text": pending.popleft(), "embedding": values}
                 if args.report:
                     record.update(tokens=tokens, truncated=cut)
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -106,7 +110,9 @@ def _embed_corpus(args: argparse.Namespace) -> int:
     options = BulkOptions(input=Path(args.file), output=output, input_format=args.input_format,
                           output_format="npy" if single_npy else args.format, text_field=args.text_field,
                           id_field=args.id_field, shard_size=args.shard_size, batch_size=args.batch_size,
-                          skip_bad=args.skip_bad, prompt_name=args.prompt_name, resume=args.resume, force=args.force)
+                          skip_bad=args.skip_bad, prompt_name=args.prompt_name, resume=args.resume, force=args.force,
+                          truncate_dim=args.truncate_dim, precision=args.precision, truncate=args.truncate,
+                          truncation_direction=args.truncation_direction)
     progress = False if args.quiet else (True if args.progress else None)
     if args.engine == "ray":
         if single_npy:
@@ -327,6 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-name", default=None,
                    help="put the model's prompt of this name before every text (e5: query/passage; bge: query); "
                         "`corom presets` lists them")
+    p.add_argument("--truncate-dim", type=int, default=None, metavar="N",
+                   help="keep the first N numbers of each vector, re-normalized where the model's are (default: all)")
+    p.add_argument("--precision", default="float32", choices=list(PRECISIONS),
+                   help="float32 (default); int8/uint8: per-dimension levels calibrated at export; binary/ubinary: "
+                        "packed sign bits (N/8 bytes). Parquet: int8/uint8 lists, fixed-size binary for the bits")
+    p.add_argument("--truncation-direction", default="right", choices=list(DIRECTIONS),
+                   help="which end of an over-length text is cut: right keeps its start (default), left its end; "
+                        "a prompt is never cut")
+    p.add_argument("--no-truncate", dest="truncate", action="store_false",
+                   help="fail on a text longer than the model's window (naming it and its tokens) instead of cutting it")
     p.add_argument("--report", action="store_true", help="JSON lines: add token count and truncation")
     p.add_argument("--progress", action="store_true",
                    help="show a progress bar (texts/s, ETA); default: only when stderr is a terminal")

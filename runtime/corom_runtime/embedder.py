@@ -27,6 +27,8 @@ from corom_runtime.machine import cpu_model
 from corom_runtime.engines.base import EncoderSession
 from corom_runtime.engines.registry import open_session
 from corom_runtime.progress import progress_bar
+from corom_runtime.shaping import (DTYPES, NEEDS_RANGES, Ranges, calibration_ranges, check_shape_options,
+                                   shape_vectors, shaped_width)
 from corom_runtime.tokenization import TextTokenizer, TokenizedText, check_texts
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,7 @@ class EncodedWindow:
     """One window of `Embedder.encode_iter`: rows `start .. start + len - 1` of the input."""
 
     start: int
-    vectors: np.ndarray     # float32 [n, dim], in input order
+    vectors: np.ndarray     # float32 [n, dim] (or as shaped: `encode_iter(precision=...)`), in input order
     tokens: np.ndarray      # int32 [n]: tokens the model saw
     truncated: np.ndarray   # bool [n]: the text was cut to fit max_length
 
@@ -91,6 +93,27 @@ class EncodedWindow:
 
     def reports(self) -> list[ItemReport]:
         return [ItemReport(tokens=int(t), truncated=bool(c)) for t, c in zip(self.tokens, self.truncated)]
+
+
+@dataclass(frozen=True)
+class Shaping:
+    """One call's output options, checked (see `Embedder.shaping`)."""
+
+    truncate_dim: int | None = None
+    precision: str = "float32"
+    renormalize: bool = False
+    ranges: Ranges | None = None
+
+    def apply(self, vectors: np.ndarray) -> np.ndarray:
+        return shape_vectors(vectors, self.truncate_dim, self.renormalize, self.precision, self.ranges)
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """What to do with a text longer than the model's window (TEI's `truncate`, `truncation_direction`)."""
+
+    truncate: bool = True
+    direction: str = "right"
 
 
 def present_devices(engines: frozenset[str], want_openvino_devices: bool) -> tuple[str, ...]:
@@ -122,6 +145,7 @@ class Embedder:
     """
 
     def __init__(self, artifact: Artifact, variant: str, session: EncoderSession, tokenizer: TextTokenizer) -> None:
+        self._ranges: dict[tuple, Ranges] = {}  # calibration ranges per (truncate_dim, normalization)
         self.artifact = artifact
         self.variant = variant
         self.session = session
@@ -296,8 +320,12 @@ class Embedder:
         max_batch_tokens: int | None = None,
         prompt_name: str | None = None,
         prompt: str | None = None,
+        truncate_dim: int | None = None,
+        precision: str = "float32",
+        truncate: bool = True,
+        truncation_direction: str = "right",
     ) -> Any:
-        """Embed texts; float32 `[len(texts), dim]` in the caller's order (1-D for a single str).
+        """Embed texts; `[len(texts), dim]` in the caller's order (1-D for a single str).
 
         Close to sentence-transformers' `encode`. `normalize_embeddings=None` keeps the model's own
         convention (the artifact says whether normalisation is in the graph); True L2-normalises.
@@ -307,16 +335,28 @@ class Embedder:
         With `return_report=True` returns `(embeddings, [ItemReport, ...])`. For inputs that do not
         fit in memory use `encode_iter`.
 
+        Shaped for the index (sentence-transformers' meanings; `corom_runtime.shaping`):
+        `truncate_dim=N` keeps the first N numbers, re-normalized where the vectors are normalized;
+        `precision` "float32" (default), "int8"/"uint8" (per-dimension ranges calibrated at export),
+        "binary"/"ubinary" (packed sign bits, N/8 bytes). Over-length texts: `truncation_direction`
+        "right" (default: keep the start) or "left" (keep the end; a prompt is never cut);
+        `truncate=False` raises `TextTooLongError` naming them instead.
+
         >>> e5 = Embedder.load("e5-small-v2")                                         # doctest: +SKIP
         >>> q = e5.encode(["how long is a master degree"], prompt_name="query")       # = "query: how long ..."
+        >>> emb.encode(["a text"], truncate_dim=128, precision="ubinary").shape       # doctest: +SKIP
+        (1, 16)
         """
         single = isinstance(texts, str)
         checked = check_texts([texts] if single else texts)
-        out = np.empty((len(checked), self.dim), dtype=np.float32)
+        truncate_dim, precision = check_shape_options(self.dim, truncate_dim, precision)
+        out = np.empty((len(checked), shaped_width(self.dim, truncate_dim, precision)), dtype=DTYPES[precision])
         reports: list[ItemReport] = []
         bar = progress_bar(len(checked), enabled=show_progress_bar)
         for window in self.encode_iter(checked, batch_size=batch_size, normalize_embeddings=normalize_embeddings,
-                                       max_batch_tokens=max_batch_tokens, prompt_name=prompt_name, prompt=prompt):
+                                       max_batch_tokens=max_batch_tokens, prompt_name=prompt_name, prompt=prompt,
+                                       truncate_dim=truncate_dim, precision=precision, truncate=truncate,
+                                       truncation_direction=truncation_direction):
             out[window.start:window.start + len(window)] = window.vectors
             if return_report:
                 reports.extend(window.reports())
@@ -334,12 +374,17 @@ class Embedder:
         max_batch_tokens: int | None = None,
         prompt_name: str | None = None,
         prompt: str | None = None,
+        truncate_dim: int | None = None,
+        precision: str = "float32",
+        truncate: bool = True,
+        truncation_direction: str = "right",
     ) -> Iterator["EncodedWindow"]:
         """Embed any iterable of texts window by window, in memory that does not grow with its length.
 
         Reads `window` texts, tokenizes them, embeds them in length-sorted batches and yields one
         `EncodedWindow` (its `indices` into the input, `vectors` float32 `[n, dim]`, and `tokens` /
-        `truncated` per text) before reading on. Unpacks as `(indices, vectors)`. Prompts as in `encode`.
+        `truncated` per text) before reading on. Unpacks as `(indices, vectors)`. Prompts, shaping and
+        truncation as in `encode`.
 
         >>> for indices, vectors in emb.encode_iter(open("corpus.txt")):   # doctest: +SKIP
         ...     index.add_with_ids(vectors, indices)
@@ -349,8 +394,11 @@ class Embedder:
         positive_int(batch_size, "batch_size")
         positive_int(window, "window")
         prefix = self.prompt_text(prompt_name, prompt)
+        shaping = self.shaping(truncate_dim, precision, bool(normalize_embeddings))
+        cut = Truncation(truncate, truncation_direction)
         # checked above, before the first next(): a bad argument fails at the call, not later
-        return self._windows(iter(texts), batch_size, window, normalize_embeddings, max_batch_tokens, prefix)
+        return self._windows(iter(texts), batch_size, window, normalize_embeddings, max_batch_tokens, prefix,
+                             shaping, cut)
 
     @property
     def prompts(self) -> dict[str, str]:
@@ -372,17 +420,45 @@ class Embedder:
             raise InvalidInputError(f"unknown prompt_name {prompt_name!r} for {self.artifact.name}; known: {known}")
         return self.artifact.prompts[prompt_name]
 
+    def shaping(self, truncate_dim: int | None = None, precision: str = "float32",
+                normalize_embeddings: bool = False) -> "Shaping":
+        """The checked output options of one call, with the calibration ranges int8/uint8 need."""
+        truncate_dim, precision = check_shape_options(self.dim, truncate_dim, precision)
+        normalized = self.artifact.normalize or normalize_embeddings
+        renormalize = truncate_dim is not None and normalized
+        ranges = None
+        if precision in NEEDS_RANGES:
+            key = (truncate_dim, renormalize, normalize_embeddings)
+            ranges = self._ranges.get(key)
+            if ranges is None:
+                calibration = self.artifact.quantization_vectors()
+                if calibration is None:
+                    raise InvalidInputError(f"precision {precision!r} needs the calibration vectors {self.artifact.path} "
+                                            f"lacks (exported before vector quantization): {self.artifact.rebuild_hint}")
+                if normalize_embeddings and not self.artifact.normalize:
+                    calibration = calibration / np.maximum(np.linalg.norm(calibration, axis=1, keepdims=True), 1e-12)
+                ranges = self._ranges[key] = calibration_ranges(calibration, truncate_dim, renormalize)
+        return Shaping(truncate_dim, precision, renormalize, ranges)
+
+    def tokenize(self, texts: Sequence[str], prompt: str = "", cut: "Truncation | None" = None) -> list[TokenizedText]:
+        """Checked texts -> tokens, after `prompt`, cut as `cut` says (default: on the right)."""
+        cut = cut or Truncation()
+        return self.tokenizer.encode(texts, prompt=prompt, truncate=cut.truncate, direction=cut.direction)
+
     def _windows(self, iterator: Iterator[str], batch_size: int, window: int, normalize_embeddings: bool | None,
-                 max_batch_tokens: int | None, prefix: str = "") -> Iterator[EncodedWindow]:
+                 max_batch_tokens: int | None, prefix: str = "", shaping: "Shaping | None" = None,
+                 cut: "Truncation | None" = None) -> Iterator[EncodedWindow]:
         start = 0
         while True:
             chunk = check_texts(list(itertools.islice(iterator, window)), start)
             if not chunk:
                 return
-            items = self.tokenizer.encode([prefix + t for t in chunk] if prefix else chunk)
+            items = self.tokenize(chunk, prefix, cut)
             vectors = self.embed_tokenized(items, batch_size, max_batch_tokens)
             if normalize_embeddings:
                 vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+            if shaping is not None:
+                vectors = shaping.apply(vectors)
             yield EncodedWindow(start=start, vectors=vectors,
                                 tokens=np.fromiter((i.length for i in items), dtype=np.int32, count=len(items)),
                                 truncated=np.fromiter((i.truncated for i in items), dtype=bool, count=len(items)))

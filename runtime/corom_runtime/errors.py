@@ -29,6 +29,10 @@ class RequestTooLargeError(InvalidInputError):
     """A request larger than a limit it can never fit in (HTTP 413); retrying cannot help."""
 
 
+class TextTooLongError(RequestTooLargeError):
+    """Texts longer than the model's window where the caller said not to truncate (HTTP 413)."""
+
+
 class PresetError(CoromError, KeyError):
     """An unknown or malformed model preset."""
 

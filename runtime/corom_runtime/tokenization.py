@@ -12,12 +12,14 @@ from typing import Sequence
 
 from tokenizers import Encoding, Tokenizer
 
-from corom_runtime.errors import InvalidInputTypeError
+from corom_runtime.errors import InvalidInputError, InvalidInputTypeError, TextTooLongError
 
 # A text is read up to this many characters per token of max length: far beyond real text (about 4-5
 # characters per token), it bounds the work and memory a 1 MB input can cost.
 CHARS_PER_TOKEN_CAP = 32
 _SURROGATES = re.compile("[\ud800-\udfff]")
+# which end of an over-length text is cut (TEI's `truncation_direction`): "right" keeps its start
+DIRECTIONS = ("right", "left")
 
 
 @dataclass(frozen=True)
@@ -74,16 +76,80 @@ class TextTokenizer:
         tokenizer.no_padding()
         tokenizer.enable_truncation(max_length=max_length)
         self._tokenizer = tokenizer
+        self._plain: Tokenizer | None = None  # a copy without truncation, made when first needed
 
     @classmethod
     def from_file(cls, path: Path, max_length: int) -> "TextTokenizer":
         return cls(Tokenizer.from_file(str(path)), max_length)
 
-    def encode(self, texts: Sequence[str]) -> list[TokenizedText]:
-        """Tokenize checked strings (see `check_texts`) in one parallel call."""
+    def encode(self, texts: Sequence[str], prompt: str = "", truncate: bool = True,
+               direction: str = "right") -> list[TokenizedText]:
+        """Tokenize checked strings (see `check_texts`) in one parallel call, each after `prompt`.
+
+        An over-length text is cut at its end (`direction="right"`) or its start ("left"); the prompt
+        is never cut. `truncate=False` raises `TextTooLongError` naming every over-length text and its
+        token count instead.
+        """
+        if direction not in DIRECTIONS:
+            raise InvalidInputError(f"truncation_direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
+        if not isinstance(truncate, bool):
+            raise InvalidInputTypeError(f"truncate must be true or false, got {type(truncate).__name__}")
+        items = self._encode_right(texts, prompt) if direction == "right" else self._encode_left(texts, prompt)
+        if not truncate:
+            over = [i for i, item in enumerate(items) if item.truncated]
+            if over:
+                counts = self.token_counts([texts[i] for i in over[:5]], prompt)
+                listed = ", ".join(f"texts[{i}] has {n} tokens" for i, n in zip(over, counts))
+                raise TextTooLongError(f"{len(over)} text(s) longer than this model's {self.max_length} tokens and "
+                                       f"truncate is false: {listed}{' ...' if len(over) > 5 else ''}; shorten "
+                                       "them, or allow truncation")
+        return items
+
+    def _encode_right(self, texts: Sequence[str], prompt: str) -> list[TokenizedText]:
+        # the prompt comes first, so cutting on the right never reaches it (unless it alone fills the window)
         cut = [len(t) > self.char_cap for t in texts]
-        prepared = [_clean(t[: self.char_cap] if c else t) for t, c in zip(texts, cut)]
+        prepared = [_clean(prompt + (t[: self.char_cap] if c else t)) for t, c in zip(texts, cut)]
         encodings: list[Encoding] = self._tokenizer.encode_batch(prepared)
         return [
             TokenizedText(ids=e.ids, truncated=c or bool(e.overflowing)) for e, c in zip(encodings, cut)
         ]
+
+    def _encode_left(self, texts: Sequence[str], prompt: str) -> list[TokenizedText]:
+        # built by hand: special tokens, the prompt whole, then as much of the text's end as fits
+        plain = self._untruncated()
+        head, tail = self._special_ids()
+        prompt_ids = plain.encode(_clean(prompt), add_special_tokens=False).ids if prompt else []
+        budget = self.max_length - len(head) - len(tail) - len(prompt_ids)
+        if budget < 1:
+            raise InvalidInputError(f"the prompt alone takes {len(prompt_ids)} of this model's {self.max_length} tokens")
+        cut = [len(t) > self.char_cap for t in texts]
+        prepared = [_clean(t[-self.char_cap:] if c else t) for t, c in zip(texts, cut)]
+        out = []
+        for e, c in zip(plain.encode_batch(prepared, add_special_tokens=False), cut):
+            over = len(e.ids) > budget
+            out.append(TokenizedText(ids=head + prompt_ids + (e.ids[len(e.ids) - budget:] if over else e.ids) + tail,
+                                     truncated=c or over))
+        return out
+
+    def token_counts(self, texts: Sequence[str], prompt: str = "") -> list[int]:
+        """Tokens each text would take untruncated, special tokens and prompt included (texts past the
+        character cap are counted up to it)."""
+        plain = self._untruncated()
+        head, tail = self._special_ids()
+        extra = len(head) + len(tail) + (len(plain.encode(_clean(prompt), add_special_tokens=False).ids) if prompt else 0)
+        return [extra + len(e.ids) for e in plain.encode_batch([_clean(t[: self.char_cap]) for t in texts],
+                                                               add_special_tokens=False)]
+
+    def _untruncated(self) -> Tokenizer:
+        if self._plain is None:  # a race builds two equal copies: harmless
+            plain = Tokenizer.from_str(self._tokenizer.to_str())
+            plain.no_truncation()
+            self._plain = plain
+        return self._plain
+
+    def _special_ids(self) -> tuple[list[int], list[int]]:
+        """The special tokens the model puts before and after one text ([CLS] / [SEP], <s> / </s>)."""
+        e = self._tokenizer.encode("a")
+        first = e.special_tokens_mask.index(0)
+        last = len(e.ids) - e.special_tokens_mask[::-1].index(0)
+        return e.ids[:first], e.ids[last:]

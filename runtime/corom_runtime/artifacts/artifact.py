@@ -17,6 +17,7 @@ from corom_runtime.artifacts.cache import artifact_dir, build_dir
 from corom_runtime.artifacts.presets import find_preset, list_presets
 
 if TYPE_CHECKING:
+    import numpy as np
     from corom_runtime.cpu_check import CheckSet
 
 
@@ -118,6 +119,24 @@ class Artifact:
             return CheckSet.read(path)
         except (OSError, ValueError, KeyError) as exc:
             raise ArtifactError(f"{path} is not a valid check set ({exc}); {self.rebuild_hint}") from exc
+
+    def quantization_vectors(self) -> "np.ndarray | None":
+        """The reference vectors of calibration text that int8/uint8 precision scales by (float32
+        [n, dim]), checksum-verified; None for an artifact exported before vector quantization."""
+        import numpy as np
+
+        if not self.manifest.quantization:
+            return None
+        path = self.check_file(self.manifest.quantization["file"], self.manifest.quantization["sha256"])
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                vectors = data["vectors"].astype(np.float32)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ArtifactError(f"{path} is not a valid calibration file ({exc}); {self.rebuild_hint}") from exc
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ArtifactError(f"{path} holds vectors of shape {list(vectors.shape)}, not [n, {self.dim}]; "
+                                f"{self.rebuild_hint}")
+        return vectors
 
 
 def resolve_path(path_or_preset: str | Path) -> Path:

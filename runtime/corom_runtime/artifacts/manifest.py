@@ -101,6 +101,9 @@ class Manifest:
     quality: dict = field(default_factory=dict)
     # the load-time check set (`cpu_check`): {"file", "sha256", "texts", "queries"}; {} in older artifacts
     check: dict = field(default_factory=dict)
+    # reference vectors of calibration text, for int8/uint8 vector precision (`shaping`):
+    # {"file", "sha256", "texts"}; {} in older artifacts
+    quantization: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     # -- reading ---------------------------------------------------------------------------
@@ -157,10 +160,12 @@ class Manifest:
             export=check.obj(data, "export", required=False),
             quality=check.obj(data, "quality", required=False),
             check=check.obj(data, "check", required=False),
+            quantization=check.obj(data, "quantization", required=False),
         )
-        if manifest.check:
-            check.relative_file(manifest.check, "check.file")
-            check.sha256(manifest.check, "check.sha256")
+        for name in ("check", "quantization"):
+            if getattr(manifest, name):
+                check.relative_file(getattr(manifest, name), f"{name}.file")
+                check.sha256(getattr(manifest, name), f"{name}.sha256")
         for name, raw in variants_raw.items():
             manifest.variants[name] = _variant(check, name, raw)
         if not manifest.variants:

@@ -147,9 +147,14 @@ class ShardData:
     """One shard's rows, in input order."""
 
     ids: list
-    vectors: np.ndarray     # float32 [n, dim]
+    vectors: np.ndarray     # [n, width] of the precision's dtype (float32 [n, dim] by default)
     tokens: np.ndarray      # int32 [n]
     truncated: np.ndarray   # bool [n]
+    precision: str = "float32"
+
+
+# where a Parquet shard names its vectors' precision (int8 and binary share a dtype, not a meaning)
+PRECISION_KEY = b"corom.precision"
 
 
 def shard_path(folder: Path, index: int, fmt: str) -> Path:
@@ -157,14 +162,22 @@ def shard_path(folder: Path, index: int, fmt: str) -> Path:
 
 
 def arrow_table(data: ShardData, id_type: str):
-    """The output schema shared by every engine: id, embedding (fixed-size list of float32), tokens,
-    truncated."""
+    """The output schema shared by every engine: id, embedding, tokens, truncated. The embedding is a
+    fixed-size list of float32 (int8 / uint8 for those precisions), or fixed-size binary for the packed
+    bits of binary / ubinary; the schema's metadata names the precision."""
     pa = import_pyarrow()
     ids = pa.array(data.ids, type=pa.int64() if id_type == "int" else pa.string())
-    flat = pa.array(np.ascontiguousarray(data.vectors, dtype=np.float32).reshape(-1), type=pa.float32())
-    embedding = pa.FixedSizeListArray.from_arrays(flat, data.vectors.shape[1])
-    return pa.table({"id": ids, "embedding": embedding, "tokens": pa.array(data.tokens, type=pa.int32()),
-                     "truncated": pa.array(data.truncated, type=pa.bool_())})
+    vectors = np.ascontiguousarray(data.vectors)
+    width = vectors.shape[1] if vectors.ndim == 2 else 0
+    if data.precision in ("binary", "ubinary"):
+        embedding = pa.array([row.tobytes() for row in vectors.view(np.uint8)], type=pa.binary(width))
+    else:
+        kind = {"int8": pa.int8(), "uint8": pa.uint8()}.get(data.precision, pa.float32())
+        flat = pa.array(vectors.reshape(-1).astype(kind.to_pandas_dtype(), copy=False), type=kind)
+        embedding = pa.FixedSizeListArray.from_arrays(flat, width)
+    table = pa.table({"id": ids, "embedding": embedding, "tokens": pa.array(data.tokens, type=pa.int32()),
+                      "truncated": pa.array(data.truncated, type=pa.bool_())})
+    return table.replace_schema_metadata({PRECISION_KEY: data.precision.encode()})
 
 
 def atomic_write(path: Path, write) -> None:
@@ -195,7 +208,7 @@ def write_shard(folder: Path, index: int, fmt: str, data: ShardData, id_type: st
 
         def write_vectors(tmp: Path) -> None:
             with open(tmp, "wb") as handle:
-                np.save(handle, np.ascontiguousarray(data.vectors, dtype=np.float32))
+                np.save(handle, np.ascontiguousarray(data.vectors))  # its dtype is the precision's
 
         atomic_write(path.with_suffix(".jsonl"), write_meta)
         atomic_write(path, write_vectors)
@@ -237,9 +250,14 @@ def read_output(folder: Path) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]
         for path in parquet:
             table = pq.read_table(path)
             ids.extend(table.column("id").to_pylist())
-            dim = table.schema.field("embedding").type.list_size
-            flat = table.column("embedding").combine_chunks().flatten().to_numpy()
-            vectors.append(flat.reshape(-1, dim))
+            precision = (table.schema.metadata or {}).get(PRECISION_KEY, b"float32").decode()
+            column = table.column("embedding").combine_chunks()
+            if precision in ("binary", "ubinary"):
+                width = column.type.byte_width
+                packed = np.frombuffer(b"".join(column.to_pylist()), dtype=np.uint8).reshape(-1, width)
+                vectors.append(packed.view(np.int8) if precision == "binary" else packed)
+            else:
+                vectors.append(column.flatten().to_numpy().reshape(-1, column.type.list_size))
             tokens.append(table.column("tokens").to_numpy())
             truncated.append(table.column("truncated").to_numpy(zero_copy_only=False))
     else:

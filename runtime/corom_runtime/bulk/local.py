@@ -28,6 +28,8 @@ from corom_runtime.bulk.corpus_io import (OUTPUT_FORMATS, Row, ShardData, descri
                                           input_format, read_rows, row_problem, shard_path, shard_rows, shard_totals, write_json, write_shard)
 from corom_runtime.errors import CoromError, positive_int
 from corom_runtime.progress import progress_bar
+from corom_runtime.shaping import DTYPES, check_shape_options, shaped_width
+from corom_runtime.tokenization import DIRECTIONS
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,16 @@ class BulkOptions:
     prompt_name: str | None = None       # the model's prompt put before every text (e5: "passage")
     resume: bool = False
     force: bool = False
+    # the vectors' shape and the truncation policy, as `Embedder.encode` takes them
+    truncate_dim: int | None = None
+    precision: str = "float32"
+    truncate: bool = True
+    truncation_direction: str = "right"
+
+    def encode_options(self) -> dict:
+        """The keyword arguments of `Embedder.encode` / `encode_iter` this job embeds with."""
+        return {"prompt_name": self.prompt_name, "truncate_dim": self.truncate_dim, "precision": self.precision,
+                "truncate": self.truncate, "truncation_direction": self.truncation_direction}
 
     def __post_init__(self) -> None:
         if self.output_format not in OUTPUT_FORMATS:
@@ -60,9 +72,18 @@ class BulkOptions:
             positive_int(getattr(self, name), name)
         if self.resume and self.force:
             raise CoromError("--resume keeps the finished shards and --force deletes them: give one of the two")
+        if self.truncate_dim is not None:
+            positive_int(self.truncate_dim, "truncate_dim")  # its upper bound is the model's: checked at load
+        check_shape_options(1 << 20, None, self.precision)
+        if self.truncation_direction not in DIRECTIONS or not isinstance(self.truncate, bool):
+            raise CoromError(f"truncation_direction must be one of {', '.join(DIRECTIONS)} and truncate true or false, "
+                             f"got {self.truncation_direction!r} / {self.truncate!r}")
 
 
-JOB_KEYS = ("input_format", "output_format", "text_field", "id_field", "shard_size", "skip_bad", "prompt_name")
+JOB_KEYS = ("input_format", "output_format", "text_field", "id_field", "shard_size", "skip_bad", "prompt_name",
+            "truncate_dim", "precision", "truncate", "truncation_direction")
+# what a job recorded before a key existed meant: its default (a resumed older job is not refused for it)
+_RECORDED_DEFAULTS = {"truncate_dim": None, "precision": "float32", "truncate": True, "truncation_direction": "right"}
 
 
 @dataclass
@@ -165,7 +186,8 @@ def job_record(options: BulkOptions, fmt: str, fingerprint: str, found: Survey, 
 def resume_mismatch(recorded: dict, current: dict) -> str | None:
     """Which recorded setting a resumed run would change, or None. Pure."""
     for key in ("fingerprint", "model", "variant", "model_sha256", *JOB_KEYS):
-        if recorded.get(key) != current.get(key):
+        default = _RECORDED_DEFAULTS.get(key)
+        if recorded.get(key, default) != current.get(key, default):
             what = {"fingerprint": "the input file changed since the job began",
                     "model_sha256": "the model's file changed since the job began (re-exported?): its vectors "
                                     "would not match the finished shards'"}.get(
@@ -242,6 +264,7 @@ def embed_corpus(options: BulkOptions, load_embedder: Callable[[str | None], "ob
         recorded_variant = json.loads((options.output / JOB_FILE).read_text(encoding="utf-8")).get("variant")
     embedder = load_embedder(recorded_variant)
     embedder.prompt_text(options.prompt_name)  # an unknown prompt name fails here, before any output
+    embedder.shaping(options.truncate_dim, options.precision)  # and so does a bad dimension or precision
     record = job_record(options, fmt, fingerprint, found, str(embedder.artifact.path), embedder.variant,
                         embedder.artifact.variants[embedder.variant].sha256)
     prepare_output(options, record)
@@ -257,7 +280,7 @@ def embed_corpus(options: BulkOptions, load_embedder: Callable[[str | None], "ob
                                              options.shard_size)):
             if index in done:
                 continue
-            data = _embed_shard(embedder, rows, options.batch_size, bar, options.prompt_name)
+            data = _embed_shard(embedder, rows, options.batch_size, bar, options.encode_options())
             write_shard(options.output, index, options.output_format, data, found.id_type)
             tokens += int(data.tokens.sum())
             truncated += int(data.truncated.sum())
@@ -296,27 +319,30 @@ def _shards(rows: Iterator[Row], shard_size: int) -> Iterator[list[Row]]:
         yield shard
 
 
-def _embed_shard(embedder, rows: list[Row], batch_size: int, bar, prompt_name: str | None) -> ShardData:
-    vectors = np.empty((len(rows), embedder.dim), dtype=np.float32)
+def _embed_shard(embedder, rows: list[Row], batch_size: int, bar, encode_options: dict) -> ShardData:
+    precision = encode_options.get("precision", "float32")
+    width = shaped_width(embedder.dim, encode_options.get("truncate_dim"), precision)
+    vectors = np.empty((len(rows), width), dtype=DTYPES[precision])
     tokens = np.empty(len(rows), dtype=np.int32)
     truncated = np.empty(len(rows), dtype=bool)
-    for window in embedder.encode_iter((row.text for row in rows), batch_size=batch_size, prompt_name=prompt_name):
+    for window in embedder.encode_iter((row.text for row in rows), batch_size=batch_size, **encode_options):
         end = window.start + len(window)
         vectors[window.start:end] = window.vectors
         tokens[window.start:end] = window.tokens
         truncated[window.start:end] = window.truncated
         bar.update(len(window))
-    return ShardData(ids=[row.id for row in rows], vectors=vectors, tokens=tokens, truncated=truncated)
+    return ShardData(ids=[row.id for row in rows], vectors=vectors, tokens=tokens, truncated=truncated,
+                     precision=precision)
 
 
 def assemble_npy(parts: Path, target: Path) -> Path:
-    """Join a finished npy job's shards into one float32 array `target` (+ `target.jsonl`: id, tokens,
+    """Join a finished npy job's shards into one array `target` (+ `target.jsonl`: id, tokens,
     truncated per row), through a memory map so memory stays one shard; then remove `parts`."""
     summary = json.loads((parts / SUMMARY_FILE).read_text(encoding="utf-8"))
     shards = sorted(parts.glob("part-*.npy"))
-    dim = int(np.load(shards[0], mmap_mode="r").shape[1])
-    array_out = np.lib.format.open_memmap(target.with_name(target.name + ".tmp"), mode="w+", dtype=np.float32,
-                                          shape=(summary["rows"], dim))
+    first = np.load(shards[0], mmap_mode="r")  # every shard has the job's width and precision's dtype
+    array_out = np.lib.format.open_memmap(target.with_name(target.name + ".tmp"), mode="w+", dtype=first.dtype,
+                                          shape=(summary["rows"], int(first.shape[1])))
     row = 0
     with open(target.with_name(target.name + ".jsonl"), "w", encoding="utf-8") as meta:
         for shard in shards:

@@ -56,13 +56,13 @@ class EmbedActor:
     """One model replica in a Ray actor: `__call__` turns a block (id, text) into output rows."""
 
     def __init__(self, artifact: str, variant: str, threads: int, batch_size: int, text_column: str,
-                 id_column: str, id_type: str, skip_bad: bool, prompt_name: str | None = None) -> None:
+                 id_column: str, id_type: str, skip_bad: bool, encode_options: dict | None = None) -> None:
         from corom_runtime.embedder import Embedder
 
         self.embedder = Embedder.load(artifact, variant=variant, device="cpu", threads=threads)
         self.batch_size = batch_size
         self.text_column, self.id_column, self.id_type, self.skip_bad = text_column, id_column, id_type, skip_bad
-        self.prompt_name = prompt_name
+        self.encode_options = encode_options or {}
 
     def __call__(self, block):
         texts = block.column(self.text_column).to_pylist()
@@ -76,12 +76,13 @@ class EmbedActor:
                 # the row is named and the job fails: Ray does not retry a user error
                 raise CoromError(f"row with id {row_id!r}: {problem}; give skip_bad=True to leave such rows out")
         vectors, report = self.embedder.encode([texts[i] for i in keep], batch_size=self.batch_size,
-                                               return_report=True, prompt_name=self.prompt_name)
+                                               return_report=True, **self.encode_options)
         import numpy as np
 
-        data = ShardData(ids=[ids[i] for i in keep], vectors=vectors.reshape(len(keep), self.embedder.dim),
+        data = ShardData(ids=[ids[i] for i in keep], vectors=vectors,
                          tokens=np.array([r.tokens for r in report], dtype=np.int32),
-                         truncated=np.array([r.truncated for r in report], dtype=bool))
+                         truncated=np.array([r.truncated for r in report], dtype=bool),
+                         precision=self.encode_options.get("precision", "float32"))
         return arrow_table(data, self.id_type)
 
 
@@ -101,8 +102,11 @@ def resolve_variant(artifact: str, variant: str) -> tuple[str, str, str]:
 
 def embed_dataset(ds, artifact: str, *, variant: str = "auto", text_column: str = "text", id_column: str = "id",
                   actors: int = 2, threads_per_actor: int = 1, batch_rows: int = 512, batch_size: int = 32,
-                  skip_bad: bool = False, prompt_name: str | None = None):
+                  skip_bad: bool = False, prompt_name: str | None = None, truncate_dim: int | None = None,
+                  precision: str = "float32", truncate: bool = True, truncation_direction: str = "right"):
     """Embed a Ray Dataset's `text_column`; returns a lazy Dataset of (id, embedding, tokens, truncated).
+
+    `prompt_name`, `truncate_dim`, `precision`, `truncate`, `truncation_direction`: as in `Embedder.encode`.
 
     The artifact folder must be readable at the same path on every node (a shared or synced disk).
 
@@ -124,7 +128,9 @@ def embed_dataset(ds, artifact: str, *, variant: str = "auto", text_column: str 
         EmbedActor, batch_size=batch_rows, batch_format="pyarrow",
         fn_constructor_kwargs=dict(artifact=path, variant=concrete, threads=threads_per_actor, batch_size=batch_size,
                                    text_column=text_column, id_column=id_column, id_type=id_type, skip_bad=skip_bad,
-                                   prompt_name=prompt_name),
+                                   encode_options=dict(prompt_name=prompt_name, truncate_dim=truncate_dim,
+                                                       precision=precision, truncate=truncate,
+                                                       truncation_direction=truncation_direction)),
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=threads_per_actor)
 
 
@@ -188,7 +194,7 @@ def run_ray(options: BulkOptions, ray_options: RayOptions, artifact: str, varian
                             block_rows(found.rows, ray_options.actors)))
         ds = embed_dataset(ray.data.from_arrow_refs(refs), path, variant=concrete, actors=ray_options.actors,
                            threads_per_actor=ray_options.threads_per_actor, batch_rows=ray_options.batch_rows,
-                           batch_size=options.batch_size, skip_bad=options.skip_bad, prompt_name=options.prompt_name)
+                           batch_size=options.batch_size, skip_bad=options.skip_bad, **options.encode_options())
         # writing is light: it must not take CPUs the replicas hold, or it waits for the last of them
         ds.write_parquet(str(options.output), ray_remote_args={"num_cpus": 0})
     finally:

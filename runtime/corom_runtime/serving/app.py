@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -31,7 +32,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from corom_runtime.serving.batcher import BatcherSettings, DynamicBatcher
-from corom_runtime.embedder import Embedder
+from corom_runtime.embedder import Embedder, Shaping, Truncation
+from corom_runtime.tokenization import DIRECTIONS
 from corom_runtime.errors import InvalidInputError, positive_int
 from corom_runtime.serving.http_errors import HTTPError, error_response, from_exception
 from corom_runtime.serving.guard import LOOPBACK_HOSTS, GuardSettings, RequestGuard
@@ -127,18 +129,58 @@ def _texts(value: Any, field_name: str, max_items: int, allow_empty: bool = Fals
     return value
 
 
-def _with_prompt(embedder: Embedder, body: dict, texts: list[str]) -> list[str]:
-    """The texts with the model's prompt `prompt_name` before each (TEI's field), or as they are."""
-    name = body.get("prompt_name")
+# Cohere's `input_type` -> the preset prompts that serve it, first found wins
+INPUT_TYPES = {"search_query": ("query",), "search_document": ("passage", "document"),
+               "classification": ("classification",), "clustering": ("clustering",)}
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """What one request asks for besides its texts: the prompt, the truncation, the output's shape."""
+
+    prompt: str = ""
+    cut: Truncation = Truncation()
+    shaping: Shaping = Shaping()
+
+
+def _prompt(embedder: Embedder, body: dict) -> str:
+    """The prompt before every text: `prompt_name` (TEI's field) or `input_type` (Cohere's), or none."""
+    name, input_type = body.get("prompt_name"), body.get("input_type")
+    if name is not None and input_type is not None:
+        raise HTTPError(400, "give 'prompt_name' or 'input_type', not both")
+    if input_type is not None:
+        if not isinstance(input_type, str) or input_type not in INPUT_TYPES:
+            raise HTTPError(400, f"'input_type' must be one of {', '.join(INPUT_TYPES)}, got {str(input_type)[:40]!r}")
+        name = next((n for n in INPUT_TYPES[input_type] if n in embedder.prompts), None)
+        if name is None:
+            has = ", ".join(repr(k) for k in embedder.prompts) or "none: this model takes no prompts"
+            raise HTTPError(400, f"input_type {input_type!r} needs a {'/'.join(INPUT_TYPES[input_type])} prompt, which "
+                                 f"{embedder.info.model} does not have (its prompts: {has}); send the texts without it")
     if name is None:
-        return texts
+        return ""
     if not isinstance(name, str):
         raise HTTPError(400, f"'prompt_name' must be a string, got {_kind(name)}")
     try:
-        prefix = embedder.prompt_text(prompt_name=name)
+        return embedder.prompt_text(prompt_name=name)
     except ValueError as exc:
         raise HTTPError(400, str(exc)[:400]) from exc
-    return [prefix + t for t in texts]
+
+
+def _options(embedder: Embedder, body: dict) -> RequestOptions:
+    """The request's prompt, truncation and output fields, checked: a bad one is a 400 naming it."""
+    truncate, direction = body.get("truncate", True), body.get("truncation_direction", "right")
+    if not isinstance(truncate, bool):
+        raise HTTPError(400, f"'truncate' must be true or false, got {_kind(truncate)}")
+    if direction not in DIRECTIONS:
+        raise HTTPError(400, f"'truncation_direction' must be one of {', '.join(DIRECTIONS)}, got {str(direction)[:40]!r}")
+    dims, precision = body.get("dimensions"), body.get("precision", "float32")
+    if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int)):
+        raise HTTPError(400, f"'dimensions' must be an integer from 1 to {embedder.dim}, got {_kind(dims)}")
+    try:
+        shaping = embedder.shaping(dims, precision)
+    except ValueError as exc:  # out of range, unknown precision, an artifact without calibration
+        raise HTTPError(400, str(exc).replace("truncate_dim", "'dimensions'").replace("precision", "'precision'", 1)[:400]) from exc
+    return RequestOptions(_prompt(embedder, body), Truncation(truncate, direction), shaping)
 
 
 def _kind(value: Any) -> str:
@@ -180,12 +222,14 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
             raise HTTPError(503, "the server is starting or stopping")
         return state["batcher"]
 
-    async def embed_texts(request: Request, texts: list[str]) -> tuple[np.ndarray, int]:
-        """Embeddings through the batcher, and how many tokens the model saw. A client that goes
-        away while its request is queued has it dropped before inference."""
+    async def embed_texts(request: Request, texts: list[str],
+                          options: RequestOptions = RequestOptions()) -> tuple[np.ndarray, int]:
+        """Embeddings through the batcher, shaped as the request asked, and how many tokens the model
+        saw. A client that goes away while its request is queued has it dropped before inference."""
         queue = batcher()
         heavy = sum(len(t) for t in texts) > OFFLOAD_TEXT_CHARS  # tokenizing happens in submit
-        ticket = await asyncio.to_thread(queue.submit, texts) if heavy else queue.submit(texts)
+        submit = functools.partial(queue.submit, texts, prompt=options.prompt, cut=options.cut)
+        ticket = await asyncio.to_thread(submit) if heavy else submit()
         result = asyncio.wrap_future(ticket.future)
         # a forced exit fails it after its handler is gone: retrieve the error so it is not logged as lost
         result.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -193,7 +237,7 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
         # task that watches for its client leaving (creating one per request cost ~0.1 ms)
         done, _ = await asyncio.wait({result}, timeout=WATCH_AFTER_S)
         if done:
-            return result.result(), ticket.token_count
+            return options.shaping.apply(result.result()), ticket.token_count
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             done, _ = await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -203,7 +247,7 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
             ticket.cancel()
             result.cancel()
             raise ClientDisconnect()
-        return result.result(), ticket.token_count
+        return options.shaping.apply(result.result()), ticket.token_count
 
     def endpoint(handler, protected: bool = True):
         async def wrapped(request: Request) -> Response:
@@ -228,22 +272,30 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
         body = await _json(request)
         if not isinstance(body, dict) or "input" not in body:
             raise HTTPError(400, "body must be a JSON object with 'input' (a string or a list of strings)")
-        texts = _with_prompt(embedder, body, _texts(body["input"], "input", settings.max_items))
+        texts = _texts(body["input"], "input", settings.max_items)
+        options = _options(embedder, body)
         model = _echo(body.get("model"), "model")
         fmt = body.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             raise HTTPError(400, f"encoding_format must be 'float' or 'base64', got {str(fmt)[:40]!r}")
-        dims = body.get("dimensions")
-        if dims is not None and (isinstance(dims, bool) or dims != embedder.dim):
-            raise HTTPError(400, f"this model's embeddings have {embedder.dim} dimensions; 'dimensions' cannot change that")
+        precision = options.shaping.precision
+        if precision != "float32" and "encoding_format" not in body:
+            # the OpenAI SDK asks for base64 unless told otherwise and decodes it as float32
+            raise HTTPError(400, f"precision {precision!r} needs an explicit 'encoding_format': 'float' for lists of "
+                                 "integers, 'base64' for the raw bytes (dtype named in the answer); a client that "
+                                 "decodes base64 as float32, as the OpenAI SDK does, would misread them")
         _echo(body.get("user"), "user")
-        emb, tokens = await embed_texts(request, texts)
+        emb, tokens = await embed_texts(request, texts, options)
 
         def build() -> Response:
             data = []
             for i, row in enumerate(emb):
-                value: Any = base64.b64encode(row.astype("<f4").tobytes()).decode() if fmt == "base64" else row
-                data.append({"object": "embedding", "index": i, "embedding": value})
+                value: Any = base64.b64encode(row.astype(row.dtype.newbyteorder("<")).tobytes()).decode() \
+                    if fmt == "base64" else row
+                item = {"object": "embedding", "index": i, "embedding": value}
+                if precision != "float32":
+                    item["dtype"] = str(row.dtype)
+                data.append(item)
             return VectorsResponse({"object": "list", "data": data, "model": model or embedder.info.model,
                                     "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
         return await _respond(build, emb.size)
@@ -252,8 +304,8 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
         body = await _json(request)
         if not isinstance(body, dict) or "inputs" not in body:
             raise HTTPError(400, "body must be a JSON object with 'inputs' (a string or a list of strings)")
-        texts = _with_prompt(embedder, body, _texts(body["inputs"], "inputs", settings.max_items))
-        emb, _ = await embed_texts(request, texts)
+        texts = _texts(body["inputs"], "inputs", settings.max_items)
+        emb, _ = await embed_texts(request, texts, _options(embedder, body))
         return await _respond(lambda: VectorsResponse(emb), emb.size)
 
     async def similarity(request: Request) -> Response:

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from corom_runtime.embedder import Embedder
+from corom_runtime.embedder import Embedder, Truncation
 from corom_runtime.errors import BatcherClosedError, InvalidInputError, OverloadedError, RequestTooLargeError, positive_int
 from corom_runtime.serving.metrics import SIZE_BUCKETS, Metrics
 from corom_runtime.tokenization import TokenizedText, check_texts
@@ -176,8 +176,9 @@ class DynamicBatcher:
         """The worker is alive and taking work (what `/health` reports)."""
         return self._worker.is_alive() and not self._closing
 
-    def submit(self, texts: Sequence[str]) -> Ticket:
-        """Queue texts; `ticket.result()` is float32 `[len(texts), dim]`.
+    def submit(self, texts: Sequence[str], *, prompt: str = "", cut: Truncation | None = None) -> Ticket:
+        """Queue texts; `ticket.result()` is float32 `[len(texts), dim]`. `prompt` goes before every
+        text; `cut` says what to do with over-length ones (default: cut on the right).
 
         The ticket also carries `.timings` (filled in as the request moves) and `.token_count`.
 
@@ -194,7 +195,7 @@ class DynamicBatcher:
             ticket.future.set_result(np.empty((0, self.embedder.dim), dtype=np.float32))
             return ticket
         start = time.perf_counter()
-        items = self.embedder.tokenizer.encode(checked)  # in the caller's thread: tokenizing runs in parallel
+        items = self.embedder.tokenize(checked, prompt, cut)  # in the caller's thread: tokenizing runs in parallel
         ticket.timings.tokenize_s = time.perf_counter() - start
         ticket.token_count = sum(item.length for item in items)
         with self._cond:

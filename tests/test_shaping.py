@@ -1,0 +1,237 @@
+"""Vectors shaped for the index (output-shaping issue): truncate_dim / dimensions, int8 and binary
+precision, the truncation policy and input_type, in Python, the CLI, the server and corpus jobs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+
+import httpx
+import numpy as np
+import pytest
+
+from corom_export.stsb import find_stsb, load_pairs, stsb_spearman
+from corom_runtime import Embedder
+from corom_runtime.embedder import Truncation
+from corom_runtime.bulk.corpus_io import read_output
+from corom_runtime.catalog import PRECISIONS
+from corom_runtime.cli import main as corom
+from corom_runtime.errors import InvalidInputError, InvalidInputTypeError, TextTooLongError
+from corom_runtime.serving.app import ServerSettings, create_app
+from corom_runtime.shaping import calibration_ranges, check_shape_options, quantize, shape_vectors
+from test_server import Running
+
+LONG = " ".join(f"word{i} and more" for i in range(200))  # far past 128 tokens
+
+
+@pytest.fixture(scope="module")
+def opt(bundled_artifact) -> Embedder:
+    return Embedder.load(bundled_artifact, variant="opt", device="cpu", verify_here=False)
+
+
+@pytest.fixture(scope="module")
+def calibration(opt) -> np.ndarray:
+    vectors = opt.artifact.quantization_vectors()
+    assert vectors is not None and vectors.shape[1] == 384 and len(vectors) >= 256
+    return vectors
+
+
+# -- the functions ------------------------------------------------------------------------------
+
+def test_binary_precisions_are_bit_exact_with_sentence_transformers():
+    from sentence_transformers.quantization import quantize_embeddings
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((50, 384)).astype(np.float32)
+    vectors[:, :7] = 0.0  # zero is not positive: bit 0, as in sentence-transformers
+    for precision in ("binary", "ubinary"):
+        ours, theirs = quantize(vectors, precision), quantize_embeddings(vectors, precision=precision)
+        assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs), precision
+        assert ours.shape == (50, 48)
+
+
+def test_int8_levels_equal_sentence_transformers_within_the_calibrated_range(calibration):
+    from sentence_transformers.quantization import quantize_embeddings
+
+    ranges = calibration_ranges(calibration, None, False)
+    for precision in ("int8", "uint8"):
+        ours = quantize(calibration, precision, ranges)
+        theirs = quantize_embeddings(calibration, precision=precision, calibration_embeddings=calibration)
+        assert ours.dtype == theirs.dtype and np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1, precision
+    # outside the calibrated range a value saturates (sentence-transformers would wrap around)
+    far = np.full((1, 384), 10.0, np.float32)
+    assert (quantize(far, "int8", ranges) == 127).all() and (quantize(-far, "uint8", ranges) == 0).all()
+
+
+def test_truncation_renormalizes_only_what_was_normalized():
+    v = np.array([[3.0, 4.0, 12.0]], np.float32)
+    assert np.allclose(shape_vectors(v, 2, renormalize=True), [[0.6, 0.8]])
+    assert np.allclose(shape_vectors(v, 2, renormalize=False), [[3.0, 4.0]])
+
+
+@pytest.mark.parametrize("dim, precision, error", [
+    (0, "float32", InvalidInputError), (385, "float32", InvalidInputError), (1.5, "float32", InvalidInputTypeError),
+    (True, "float32", InvalidInputTypeError), ("8", "float32", InvalidInputTypeError),
+    (None, "float16", InvalidInputError), (None, None, InvalidInputError), (None, "INT8", InvalidInputError),
+])
+def test_bad_shape_options_are_named(dim, precision, error):
+    with pytest.raises(error, match="truncate_dim|precision"):
+        check_shape_options(384, dim, precision)
+
+
+# -- Python ------------------------------------------------------------------------------------
+
+def test_encode_shapes_in_order_and_never_by_the_batch(opt):
+    texts = ["how long is a master degree", "a cat sat on the mat", "quantum physics explained", "x"]
+    full = opt.encode(texts)
+    cut = opt.encode(texts, truncate_dim=128)
+    np.testing.assert_allclose(cut, full[:, :128] / np.linalg.norm(full[:, :128], axis=1, keepdims=True), atol=1e-5)
+    for precision, (dtype, width) in {"int8": (np.int8, 128), "uint8": (np.uint8, 128), "binary": (np.int8, 16),
+                                      "ubinary": (np.uint8, 16)}.items():
+        together = opt.encode(texts, truncate_dim=128, precision=precision)
+        assert together.dtype == dtype and together.shape == (4, width)
+        alone = np.stack([opt.encode([t], truncate_dim=128, precision=precision)[0] for t in texts])
+        assert np.abs(together.astype(int) - alone.astype(int)).max() <= 1  # batch mates do not move a level
+    assert opt.encode("one text", precision="ubinary").shape == (48,)
+    assert opt.encode([], truncate_dim=8, precision="binary").shape == (0, 1)
+    windows = list(opt.encode_iter(texts, window=3, precision="ubinary"))
+    assert np.array_equal(np.concatenate([w.vectors for w in windows]), opt.encode(texts, precision="ubinary"))
+
+
+@pytest.mark.skipif(find_stsb() is None, reason="STSb data absent: ../shared/data/stsb-en/ not found")
+def test_quantized_and_shorter_vectors_keep_stsb_quality(opt):
+    pairs = load_pairs(find_stsb())
+    base = stsb_spearman(lambda t: opt.encode(t), pairs)
+
+    def as_float(precision, dim=None):
+        return lambda t: opt.encode(t, precision=precision, truncate_dim=dim).astype(np.float32)
+    assert stsb_spearman(as_float("int8"), pairs) >= 0.99 * base
+    assert stsb_spearman(as_float("float32", 128), pairs) >= 0.97 * base
+    assert stsb_spearman(as_float("ubinary"), pairs) > 0.5  # packed bytes are not comparable as numbers: a smoke
+
+
+def test_truncation_policy(opt):
+    right = opt.tokenize([LONG])[0]
+    left = opt.tokenize([LONG], cut=Truncation(direction="left"))[0]
+    assert right.truncated and left.truncated and len(left.ids) == len(right.ids) == 128
+    words = opt.tokenizer._tokenizer.decode
+    assert "word0 " in words(right.ids) and "word199" in words(left.ids)
+    assert "word0 " not in words(left.ids) and "word199" not in words(right.ids)
+    prompted = opt.tokenize([LONG], "query: ", Truncation(direction="left"))[0]
+    assert words(prompted.ids).startswith("query :") and "word199" in words(prompted.ids)  # the prompt is never cut
+    a, b = opt.encode([LONG], truncation_direction="left"), opt.encode([LONG])
+    assert float(a[0] @ b[0]) < 0.99  # another part of the text
+    with pytest.raises(TextTooLongError, match=r"texts\[1\] has \d+ tokens"):
+        opt.encode(["short", LONG], truncate=False)
+    with pytest.raises(InvalidInputError, match="truncation_direction"):
+        opt.encode(["x"], truncation_direction="middle")
+    assert opt.encode(["short"], truncate=False).shape == (1, 384)
+
+
+# -- the server --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def prompted(bundled_artifact, tmp_path_factory) -> Embedder:
+    """The bundled model with e5-style prompts in its manifest (the preset's data), for input_type."""
+    art = tmp_path_factory.mktemp("prompted") / "art"
+    shutil.copytree(bundled_artifact, art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["prompts"] = {"query": "query: ", "passage": "passage: "}
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    return Embedder.load(art, variant="opt", device="cpu", verify_here=False)
+
+
+@pytest.fixture(scope="module")
+def servers(opt, prompted):
+    running = [Running(create_app(e, ServerSettings())) for e in (opt, prompted)]
+    yield running
+    for r in running:
+        r.stop()
+
+
+def test_server_fields_mean_what_encode_means(servers, opt, prompted):
+    plain, with_prompts = servers
+    texts = ["how long is a master degree", "a cat"]
+    r = httpx.post(plain.url("/embed"), json={"inputs": texts, "dimensions": 64, "precision": "int8"})
+    assert r.status_code == 200 and np.array_equal(np.asarray(r.json()), opt.encode(texts, truncate_dim=64, precision="int8"))
+    r = httpx.post(plain.url("/v1/embeddings"), json={"input": texts, "precision": "ubinary", "encoding_format": "base64"})
+    body = r.json()
+    got = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), np.uint8) for d in body["data"]])
+    assert body["data"][0]["dtype"] == "uint8" and np.array_equal(got, opt.encode(texts, precision="ubinary"))
+    r = httpx.post(plain.url("/v1/embeddings"), json={"input": texts, "precision": "int8", "encoding_format": "float"})
+    assert all(isinstance(x, int) for x in r.json()["data"][0]["embedding"])
+    # TEI's fields
+    r = httpx.post(plain.url("/embed"), json={"inputs": [LONG], "truncation_direction": "left"})
+    assert np.allclose(r.json()[0], opt.encode([LONG], truncation_direction="left")[0], atol=1e-5)
+    # input_type = the preset's prompt
+    r = httpx.post(with_prompts.url("/embed"), json={"inputs": texts, "input_type": "search_query"})
+    assert np.allclose(r.json(), prompted.encode(texts, prompt_name="query"), atol=1e-5)
+    r = httpx.post(with_prompts.url("/embed"), json={"inputs": texts, "input_type": "search_document"})
+    assert np.allclose(r.json(), prompted.encode(texts, prompt_name="passage"), atol=1e-5)
+
+
+@pytest.mark.parametrize("path, body, status, message", [
+    ("/embed", {"inputs": ["x"], "dimensions": 0}, 400, "'dimensions' must be from 1 to 384"),
+    ("/embed", {"inputs": ["x"], "dimensions": "64"}, 400, "'dimensions' must be an integer"),
+    ("/embed", {"inputs": ["x"], "precision": "int4"}, 400, "'precision' must be one of"),
+    ("/v1/embeddings", {"input": ["x"], "precision": "int8"}, 400, "needs an explicit 'encoding_format'"),
+    ("/embed", {"inputs": ["x"], "truncation_direction": "up"}, 400, "'truncation_direction' must be one of"),
+    ("/embed", {"inputs": ["x"], "truncate": "no"}, 400, "'truncate' must be true or false"),
+    ("/embed", {"inputs": ["ok", LONG], "truncate": False}, 413, "inputs\\[1\\]|texts\\[1\\] has"),
+    ("/embed", {"inputs": ["x"], "input_type": "search_query"}, 400, "this model takes no prompts"),
+    ("/embed", {"inputs": ["x"], "input_type": "poetry"}, 400, "'input_type' must be one of"),
+    ("/embed", {"inputs": ["x"], "input_type": "search_query", "prompt_name": "query"}, 400, "not both"),
+])
+def test_bad_shaping_fields_are_clear_4xx(servers, path, body, status, message):
+    r = httpx.post(servers[0].url(path), json=body)
+    assert r.status_code == status, r.text
+    assert re.search(message, r.json()["error"]["message"]), r.text
+
+
+def test_openai_client_with_dimensions(servers, opt):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=servers[0].url("/v1"), api_key="unused", max_retries=0)
+    resp = client.embeddings.create(model="m", input=["how long is a master degree"], dimensions=128)
+    got = np.asarray(resp.data[0].embedding)  # the SDK asked for base64 and decoded float32 itself
+    assert got.shape == (128,) and np.allclose(got, opt.encode(["how long is a master degree"], truncate_dim=128)[0],
+                                               atol=1e-5)
+
+
+# -- the CLI and corpus jobs -------------------------------------------------------------------
+
+def test_cli_and_corpus_jobs_shape_vectors(bundled_artifact, tmp_path, capsys, opt):
+    model = ["--model", str(bundled_artifact), "--variant", "opt"]
+    assert corom(["embed", *model, "--truncate-dim", "128", "--precision", "ubinary", "a cat", "a dog"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [len(r["embedding"]) for r in rows] == [16, 16]
+    assert np.array_equal(np.asarray([r["embedding"] for r in rows], np.uint8),
+                          opt.encode(["a cat", "a dog"], truncate_dim=128, precision="ubinary"))
+    src = tmp_path / "in.txt"
+    texts = [f"passage {i} about topic {i % 7}" for i in range(40)]
+    src.write_text("\n".join(texts) + "\n")
+    for precision in ("binary", "int8"):
+        out = tmp_path / precision
+        job = ["embed", *model, "--file", str(src), "--output", str(out), "--shard-size", "16", "--quiet",
+               "--precision", precision, "--truncate-dim", "64"]
+        assert corom(job) == 0
+        _, vectors, _, _ = read_output(out)
+        assert np.array_equal(vectors, opt.encode(texts, truncate_dim=64, precision=precision))
+        resumed = [a for a in job if a not in ("--precision", precision)] + ["--resume"]
+        assert corom(resumed) == 2  # another precision is another job: refused, not mixed
+        assert "precision" in capsys.readouterr().err
+    assert corom(["embed", *model, "--file", str(src), "--output", str(tmp_path / "v.npy"), "--quiet",
+                  "--precision", "uint8"]) == 0
+    assert np.load(tmp_path / "v.npy").dtype == np.uint8
+    assert corom(["embed", *model, "--truncate-dim", "999", "x"]) == 2
+    assert "from 1 to 384" in capsys.readouterr().err
+    assert corom(["embed", *model, "--no-truncate", LONG]) == 2
+    assert "truncate" in capsys.readouterr().err
+
+
+def test_every_precision_has_a_dtype():
+    from corom_runtime.shaping import DTYPES
+
+    assert set(DTYPES) == set(PRECISIONS)
