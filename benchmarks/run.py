@@ -238,6 +238,8 @@ def run(args: argparse.Namespace) -> dict:
         for name in encoders:
             if args.quick and name != config["default_system"]:  # a smoke run: the path, once
                 continue
+            if name.endswith("-unbucketed"):  # starts exactly as its bucketed twin
+                continue
             progress(f"cold start: {name} (fresh processes: first start, then second with caches warm)")
             first = cold_start(name, artifact, folder, threads)
             second = cold_start(name, artifact, folder, threads)

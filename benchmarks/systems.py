@@ -251,10 +251,12 @@ def fastembed(folder: Path, threads: int) -> Encode:
     return encode
 
 
-def corom(artifact: Path, threads: int, variant: str) -> Encode:
+def corom(artifact: Path, threads: int, variant: str, shape_buckets: bool = True) -> Encode:
     from corom_runtime import Embedder
 
     embedder = Embedder.load(artifact, variant=variant, device="cpu", threads=threads, verify_here=False)
+    if not shape_buckets:  # what the runtime did before shape buckets: every shape as it comes
+        embedder.session.shape_buckets = False
 
     def encode(texts: list[str], batch_size: int) -> np.ndarray:
         return embedder.encode(texts, batch_size=batch_size)
@@ -305,4 +307,8 @@ def all_systems(folder: Path, artifact: Path, threads: int, quick: bool, bf16_ok
         System("corom-ov-bf16", "corom", lambda: corom(artifact, threads, "ov-bf16"), "lossless CPU mode"),
         System("corom-ov-int8", "corom", lambda: corom(artifact, threads, "ov-int8"), VARIANTS["ov-int8"].recipe),
     ]
+    if not quick:  # shape buckets on and off, same run: what they cost or buy in throughput
+        systems.append(System("corom-ov-bf16-unbucketed", "corom",
+                              lambda: corom(artifact, threads, "ov-bf16", shape_buckets=False),
+                              "ov-bf16 without shape buckets (the runtime before them)"))
     return systems

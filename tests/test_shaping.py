@@ -235,3 +235,64 @@ def test_every_precision_has_a_dtype():
     from corom_runtime.shaping import DTYPES
 
     assert set(DTYPES) == set(PRECISIONS)
+
+
+# -- chunking ----------------------------------------------------------------------------------
+
+def test_chunking_embeds_a_long_text_whole(opt):
+    long = " ".join(f"sentence {i} is about topic {i % 9}." for i in range(80))
+    short = "a short text"
+    chunked, report = opt.encode([short, long], chunking={"overlap": 16}, return_report=True)
+    plain = opt.encode([short, long])
+    np.testing.assert_allclose(chunked[0], plain[0], atol=1e-6)  # a text that fits is unchanged
+    assert not report[1].truncated and report[1].tokens > 2 * 128
+    (windows,) = opt.encode_chunks([long], overlap=16)
+    assert len(windows.spans) >= 3 and windows.spans[0][0] == 0 and windows.spans[-1][1] == len(long)
+    assert all(b[0] < a[1] for a, b in zip(windows.spans, windows.spans[1:]))  # neighbours overlap
+    mean = windows.vectors.mean(0)
+    np.testing.assert_allclose(chunked[1], mean / np.linalg.norm(mean), atol=1e-5)  # the windows, averaged
+    assert float(chunked[1] @ plain[1]) < 0.999  # more than the first window
+    cut = opt.encode_chunks([long], overlap=16, max_windows=2)[0]
+    assert cut.truncated and len(cut.spans) == 2
+    assert opt.encode([short, long], chunking="mean", precision="ubinary").shape == (2, 48)
+
+
+@pytest.mark.parametrize("chunking, message", [
+    ("max", "chunking must be"), ({"overlap": -1}, "overlap must be"), ({"overlap": 500}, "overlap must be from 0"),
+    ({"pool": "none"}, "encode_chunks"), ({"max_windows": 0}, "max_windows"), ({"stride": 3}, "chunking must be"),
+])
+def test_bad_chunking_is_named(opt, chunking, message):
+    with pytest.raises(InvalidInputError, match=message):
+        opt.encode(["a text " * 100], chunking=chunking)
+
+
+def test_chunking_through_the_batcher_the_server_and_a_corpus_job(servers, opt, bundled_artifact, tmp_path):
+    from corom_runtime import DynamicBatcher
+    from corom_runtime.embedder import Chunking
+    from corom_runtime.errors import RequestTooLargeError
+    from corom_runtime.serving.batcher import BatcherSettings
+
+    long = " ".join(f"sentence {i} is about topic {i % 9}." for i in range(80))
+    texts = ["a short text", long]
+    expected = opt.encode(texts, chunking="mean")
+    with DynamicBatcher(opt, BatcherSettings(max_queue=8)) as batcher:  # the long text is 6 windows
+        np.testing.assert_allclose(batcher.submit(texts, chunking=Chunking()).result(30), expected, atol=1e-5)
+        with pytest.raises(RequestTooLargeError, match="windows"):  # the queue counts windows, not texts
+            batcher.submit([long, long], chunking=Chunking())
+    r = httpx.post(servers[0].url("/embed"), json={"inputs": texts, "chunking": "mean"})
+    np.testing.assert_allclose(np.asarray(r.json()), expected, atol=1e-5)
+    r = httpx.post(servers[0].url("/embed"), json={"inputs": texts, "chunking": {"pool": "none", "overlap": 16}})
+    body = r.json()
+    windows = opt.encode_chunks(texts, overlap=16)
+    assert [len(t["embeddings"]) for t in body] == [1, len(windows[1].spans)]
+    assert [tuple(s) for s in body[1]["spans"]] == windows[1].spans
+    np.testing.assert_allclose(np.asarray(body[1]["embeddings"]), windows[1].vectors, atol=1e-5)
+    r = httpx.post(servers[0].url("/v1/embeddings"), json={"input": texts, "chunking": {"pool": "none"}})
+    assert r.status_code == 400 and "pool must be 'mean'" in r.json()["error"]["message"]
+    r = httpx.post(servers[0].url("/embed"), json={"inputs": texts, "chunking": {"overlap": "x"}})
+    assert r.status_code == 400 and "'chunking'" in r.json()["error"]["message"]
+    src = tmp_path / "docs.txt"
+    src.write_text("\n".join(texts) + "\n")
+    assert corom(["embed", "--model", str(bundled_artifact), "--variant", "opt", "--file", str(src), "--output",
+                  str(tmp_path / "out"), "--quiet", "--chunking", "mean"]) == 0
+    np.testing.assert_allclose(read_output(tmp_path / "out")[1], expected, atol=1e-5)

@@ -84,7 +84,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         for window in embedder.encode_iter(_tee(_read_texts(args), pending), batch_size=args.batch_size,
                                            prompt_name=args.prompt_name, truncate_dim=args.truncate_dim,
                                            precision=args.precision, truncate=args.truncate,
-                                           truncation_direction=args.truncation_direction):
+                                           truncation_direction=args.truncation_direction,
+                                           chunking={"overlap": args.chunk_overlap} if args.chunking else None):
             for row, tokens, cut in zip(window.vectors, window.tokens.tolist(), window.truncated.tolist()):
                 values = [round(float(x), 7) for x in row] if args.precision == "float32" else row.tolist()
                 record = {"text": pending.popleft(), "embedding": values}
@@ -112,7 +113,8 @@ def _embed_corpus(args: argparse.Namespace) -> int:
                           id_field=args.id_field, shard_size=args.shard_size, batch_size=args.batch_size,
                           skip_bad=args.skip_bad, prompt_name=args.prompt_name, resume=args.resume, force=args.force,
                           truncate_dim=args.truncate_dim, precision=args.precision, truncate=args.truncate,
-                          truncation_direction=args.truncation_direction)
+                          truncation_direction=args.truncation_direction, chunking=args.chunking,
+                          chunk_overlap=args.chunk_overlap)
     progress = False if args.quiet else (True if args.progress else None)
     if args.engine == "ray":
         if single_npy:
@@ -343,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "a prompt is never cut")
     p.add_argument("--no-truncate", dest="truncate", action="store_false",
                    help="fail on a text longer than the model's window (naming it and its tokens) instead of cutting it")
+    p.add_argument("--chunking", default=None, choices=["mean"],
+                   help="mean: embed an over-length text whole, as windows of the model's length averaged into one "
+                        "vector (default: cut it)")
+    p.add_argument("--chunk-overlap", type=int, default=32, help="with --chunking: tokens shared by neighbouring windows (default 32)")
     p.add_argument("--report", action="store_true", help="JSON lines: add token count and truncation")
     p.add_argument("--progress", action="store_true",
                    help="show a progress bar (texts/s, ETA); default: only when stderr is a terminal")

@@ -109,6 +109,68 @@ class Shaping:
 
 
 @dataclass(frozen=True)
+class Chunking:
+    """Over-length texts split into windows of the model's length instead of cut (what no peer does):
+    `overlap` tokens shared by neighbouring windows, at most `max_windows` per text (a longer text is cut
+    after them, and reported truncated)."""
+
+    overlap: int = 32
+    pool: str = "mean"
+    max_windows: int = 32
+
+    @classmethod
+    def of(cls, value: object) -> "Chunking | None":
+        """`None`/False: no chunking; "mean": the defaults; a dict: `overlap`, `pool`, `max_windows`."""
+        if value is None or value is False:
+            return None
+        if value == "mean":
+            return cls()
+        if not isinstance(value, dict) or set(value) - {"overlap", "pool", "max_windows"}:
+            raise InvalidInputError(f"chunking must be None, 'mean' or a dict of overlap, pool, max_windows; got {value!r}")
+        chunking = cls(**value)
+        if isinstance(chunking.overlap, bool) or not isinstance(chunking.overlap, int) or chunking.overlap < 0:
+            raise InvalidInputError(f"chunking overlap must be a whole number of tokens, got {chunking.overlap!r}")
+        positive_int(chunking.max_windows, "chunking max_windows")
+        if chunking.pool not in ("mean", "none"):
+            raise InvalidInputError(f"chunking pool must be 'mean' or 'none', got {chunking.pool!r}")
+        return chunking
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """The windows of a chunked call and how they pool back into one vector per text."""
+
+    items: list[TokenizedText]    # what is embedded: texts that fit, and the windows of the others
+    owner: np.ndarray             # int64 [len(items)]: the text each row belongs to
+    reports: list[TokenizedText]  # per text: the tokens the model saw, and whether it was still cut
+    over: list[int]               # the texts that were split
+    renormalize: bool             # the model's vectors are unit length: so is a mean of them, again
+    spans: list[list[tuple[int, int]]]  # per text, its windows' character spans (in row order)
+
+    def windows(self, rows: np.ndarray) -> list[np.ndarray]:
+        """Rows of `items` -> per text, its windows' rows (pool "none")."""
+        return [rows[self.owner == i] for i in range(len(self.reports))]
+
+    def pool(self, rows: np.ndarray) -> np.ndarray:
+        """Rows of `items` -> one mean vector per text (a text that fits: its own row, unchanged)."""
+        out = np.zeros((len(self.reports), rows.shape[1]), dtype=np.float32)
+        np.add.at(out, self.owner, rows)
+        out /= np.bincount(self.owner, minlength=len(self.reports)).astype(np.float32)[:, None]
+        if self.renormalize and self.over:
+            out[self.over] /= np.maximum(np.linalg.norm(out[self.over], axis=1, keepdims=True), 1e-12)
+        return out
+
+
+@dataclass(frozen=True)
+class ChunkedText:
+    """One text's windows (`Embedder.encode_chunks`): their vectors and character spans in the text."""
+
+    vectors: np.ndarray             # float32 [windows, dim]
+    spans: list[tuple[int, int]]    # (start, end) characters of each window's text
+    truncated: bool                 # more windows than max_windows: the rest was cut
+
+
+@dataclass(frozen=True)
 class Truncation:
     """What to do with a text longer than the model's window (TEI's `truncate`, `truncation_direction`)."""
 
@@ -324,6 +386,7 @@ class Embedder:
         precision: str = "float32",
         truncate: bool = True,
         truncation_direction: str = "right",
+        chunking: Any = None,
     ) -> Any:
         """Embed texts; `[len(texts), dim]` in the caller's order (1-D for a single str).
 
@@ -340,7 +403,10 @@ class Embedder:
         `precision` "float32" (default), "int8"/"uint8" (per-dimension ranges calibrated at export),
         "binary"/"ubinary" (packed sign bits, N/8 bytes). Over-length texts: `truncation_direction`
         "right" (default: keep the start) or "left" (keep the end; a prompt is never cut);
-        `truncate=False` raises `TextTooLongError` naming them instead.
+        `truncate=False` raises `TextTooLongError` naming them instead; `chunking="mean"` (or
+        `{"overlap": tokens, "max_windows": n}`) embeds them whole instead: windows of the model's length,
+        embedded in the same batches as the other texts, averaged into one vector (a text that fits is
+        unchanged; `encode_chunks` returns the windows themselves).
 
         >>> e5 = Embedder.load("e5-small-v2")                                         # doctest: +SKIP
         >>> q = e5.encode(["how long is a master degree"], prompt_name="query")       # = "query: how long ..."
@@ -356,7 +422,7 @@ class Embedder:
         for window in self.encode_iter(checked, batch_size=batch_size, normalize_embeddings=normalize_embeddings,
                                        max_batch_tokens=max_batch_tokens, prompt_name=prompt_name, prompt=prompt,
                                        truncate_dim=truncate_dim, precision=precision, truncate=truncate,
-                                       truncation_direction=truncation_direction):
+                                       truncation_direction=truncation_direction, chunking=chunking):
             out[window.start:window.start + len(window)] = window.vectors
             if return_report:
                 reports.extend(window.reports())
@@ -378,6 +444,7 @@ class Embedder:
         precision: str = "float32",
         truncate: bool = True,
         truncation_direction: str = "right",
+        chunking: Any = None,
     ) -> Iterator["EncodedWindow"]:
         """Embed any iterable of texts window by window, in memory that does not grow with its length.
 
@@ -396,9 +463,13 @@ class Embedder:
         prefix = self.prompt_text(prompt_name, prompt)
         shaping = self.shaping(truncate_dim, precision, bool(normalize_embeddings))
         cut = Truncation(truncate, truncation_direction)
+        chunks = Chunking.of(chunking)
+        if chunks is not None and chunks.pool != "mean":
+            raise InvalidInputError("encode pools a text's windows into one vector: chunking pool 'none' is "
+                                    "`encode_chunks`")
         # checked above, before the first next(): a bad argument fails at the call, not later
         return self._windows(iter(texts), batch_size, window, normalize_embeddings, max_batch_tokens, prefix,
-                             shaping, cut)
+                             shaping, cut, chunks)
 
     @property
     def prompts(self) -> dict[str, str]:
@@ -447,14 +518,17 @@ class Embedder:
 
     def _windows(self, iterator: Iterator[str], batch_size: int, window: int, normalize_embeddings: bool | None,
                  max_batch_tokens: int | None, prefix: str = "", shaping: "Shaping | None" = None,
-                 cut: "Truncation | None" = None) -> Iterator[EncodedWindow]:
+                 cut: "Truncation | None" = None, chunks: Chunking | None = None) -> Iterator[EncodedWindow]:
         start = 0
         while True:
             chunk = check_texts(list(itertools.islice(iterator, window)), start)
             if not chunk:
                 return
-            items = self.tokenize(chunk, prefix, cut)
-            vectors = self.embed_tokenized(items, batch_size, max_batch_tokens)
+            if chunks is None:
+                items = self.tokenize(chunk, prefix, cut)
+                vectors = self.embed_tokenized(items, batch_size, max_batch_tokens)
+            else:
+                items, vectors = self._embed_chunked(chunk, prefix, chunks, batch_size, max_batch_tokens)
             if normalize_embeddings:
                 vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
             if shaping is not None:
@@ -463,6 +537,50 @@ class Embedder:
                                 tokens=np.fromiter((i.length for i in items), dtype=np.int32, count=len(items)),
                                 truncated=np.fromiter((i.truncated for i in items), dtype=bool, count=len(items)))
             start += len(chunk)
+
+    def _embed_chunked(self, texts: list[str], prefix: str, chunks: Chunking, batch_size: int,
+                       max_batch_tokens: int | None) -> tuple[list[TokenizedText], np.ndarray]:
+        """Texts that fit as they are; the others as windows, all in the same length-sorted batches;
+        each over-length text's windows averaged (and re-normalized where the model normalizes)."""
+        plan = self.chunk_plan(texts, prefix, chunks)
+        return plan.reports, plan.pool(self.embed_tokenized(plan.items, batch_size, max_batch_tokens))
+
+    def chunk_plan(self, texts: Sequence[str], prefix: str, chunks: Chunking) -> "ChunkPlan":
+        """What to embed for `texts` under `chunks`: every window (a text that fits is its own one) and
+        which text each belongs to. The batcher queues the windows; `plan.pool(rows)` gives the texts."""
+        items = self.tokenize(texts, prefix)
+        over = [i for i, item in enumerate(items) if item.truncated]
+        split = self.tokenizer.split_windows([texts[i] for i in over], prefix, chunks.overlap,
+                                             chunks.max_windows) if over else []
+        flat = [item for item in items if not item.truncated]
+        owner = [i for i, item in enumerate(items) if not item.truncated]
+        reports = list(items)
+        spans: list[list[tuple[int, int]]] = [[(0, len(t))] for t in texts]
+        for i, (windows, text_spans, was_cut) in zip(over, split):
+            flat += windows
+            owner += [i] * len(windows)
+            reports[i] = TokenizedText(ids=[t for w in windows for t in w.ids], truncated=was_cut)
+            spans[i] = text_spans
+        return ChunkPlan(flat, np.asarray(owner, dtype=np.int64), reports, over, self.artifact.normalize, spans)
+
+    def encode_chunks(self, texts: Sequence[str], overlap: int = 32, max_windows: int = 32,
+                      prompt_name: str | None = None, prompt: str | None = None,
+                      batch_size: int = 32) -> list[ChunkedText]:
+        """Every text as windows of the model's length (`overlap` tokens shared), each window's vector
+        and its character span: for indexes that keep passages. A text that fits is one window.
+
+        >>> [c.spans for c in emb.encode_chunks([long_text])]                  # doctest: +SKIP
+        [[(0, 612), (488, 1090), (967, 1211)]]
+        """
+        checked = check_texts(texts)
+        Chunking.of({"overlap": overlap, "max_windows": max_windows})
+        split = self.tokenizer.split_windows(checked, self.prompt_text(prompt_name, prompt), overlap, max_windows)
+        rows = self.embed_tokenized([w for windows, _, _ in split for w in windows], batch_size)
+        out, start = [], 0
+        for windows, spans, was_cut in split:
+            out.append(ChunkedText(vectors=rows[start:start + len(windows)], spans=spans, truncated=was_cut))
+            start += len(windows)
+        return out
 
     # -- scoring ----------------------------------------------------------------------------
 

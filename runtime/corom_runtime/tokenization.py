@@ -131,6 +131,32 @@ class TextTokenizer:
                                      truncated=c or over))
         return out
 
+    def split_windows(self, texts: Sequence[str], prompt: str = "", overlap: int = 32,
+                      max_windows: int = 32) -> list[tuple[list[TokenizedText], list[tuple[int, int]], bool]]:
+        """Each text as windows of the model's length sharing `overlap` tokens with their neighbours:
+        per text its windows (special tokens and the prompt in each), their character spans in the text,
+        and whether it was cut (more than `max_windows` windows). A text that fits is one window."""
+        plain = self._untruncated()
+        head, tail = self._special_ids()
+        prompt_ids = plain.encode(_clean(prompt), add_special_tokens=False).ids if prompt else []
+        size = self.max_length - len(head) - len(tail) - len(prompt_ids)
+        if not 0 <= overlap < size:
+            raise InvalidInputError(f"chunking overlap must be from 0 to {size - 1} tokens (a window holds {size}), "
+                                    f"got {overlap}")
+        stride, cap = size - overlap, self.char_cap * max_windows
+        out = []
+        for e, text in zip(plain.encode_batch([_clean(t[:cap]) for t in texts], add_special_tokens=False), texts):
+            ids, offsets = e.ids, e.offsets
+            starts = list(range(0, max(len(ids) - overlap, 1), stride))
+            cut = len(starts) > max_windows or len(text) > cap
+            windows, spans = [], []
+            for start in starts[:max_windows]:
+                piece = ids[start:start + size]
+                windows.append(TokenizedText(ids=head + prompt_ids + piece + tail, truncated=False))
+                spans.append((offsets[start][0], offsets[start + len(piece) - 1][1]) if piece else (0, 0))
+            out.append((windows, spans, cut))
+        return out
+
     def token_counts(self, texts: Sequence[str], prompt: str = "") -> list[int]:
         """Tokens each text would take untruncated, special tokens and prompt included (texts past the
         character cap are counted up to it)."""

@@ -59,11 +59,14 @@ class BulkOptions:
     precision: str = "float32"
     truncate: bool = True
     truncation_direction: str = "right"
+    chunking: str | None = None          # "mean": an over-length text as windows, averaged
+    chunk_overlap: int = 32
 
     def encode_options(self) -> dict:
         """The keyword arguments of `Embedder.encode` / `encode_iter` this job embeds with."""
         return {"prompt_name": self.prompt_name, "truncate_dim": self.truncate_dim, "precision": self.precision,
-                "truncate": self.truncate, "truncation_direction": self.truncation_direction}
+                "truncate": self.truncate, "truncation_direction": self.truncation_direction,
+                "chunking": {"overlap": self.chunk_overlap} if self.chunking == "mean" else None}
 
     def __post_init__(self) -> None:
         if self.output_format not in OUTPUT_FORMATS:
@@ -75,15 +78,18 @@ class BulkOptions:
         if self.truncate_dim is not None:
             positive_int(self.truncate_dim, "truncate_dim")  # its upper bound is the model's: checked at load
         check_shape_options(1 << 20, None, self.precision)
+        if self.chunking not in (None, "mean"):
+            raise CoromError(f"chunking must be 'mean' or none, got {self.chunking!r}")
         if self.truncation_direction not in DIRECTIONS or not isinstance(self.truncate, bool):
             raise CoromError(f"truncation_direction must be one of {', '.join(DIRECTIONS)} and truncate true or false, "
                              f"got {self.truncation_direction!r} / {self.truncate!r}")
 
 
 JOB_KEYS = ("input_format", "output_format", "text_field", "id_field", "shard_size", "skip_bad", "prompt_name",
-            "truncate_dim", "precision", "truncate", "truncation_direction")
+            "truncate_dim", "precision", "truncate", "truncation_direction", "chunking", "chunk_overlap")
 # what a job recorded before a key existed meant: its default (a resumed older job is not refused for it)
-_RECORDED_DEFAULTS = {"truncate_dim": None, "precision": "float32", "truncate": True, "truncation_direction": "right"}
+_RECORDED_DEFAULTS = {"truncate_dim": None, "precision": "float32", "truncate": True, "truncation_direction": "right",
+                      "chunking": None, "chunk_overlap": 32}
 
 
 @dataclass

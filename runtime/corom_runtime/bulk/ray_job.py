@@ -103,10 +103,12 @@ def resolve_variant(artifact: str, variant: str) -> tuple[str, str, str]:
 def embed_dataset(ds, artifact: str, *, variant: str = "auto", text_column: str = "text", id_column: str = "id",
                   actors: int = 2, threads_per_actor: int = 1, batch_rows: int = 512, batch_size: int = 32,
                   skip_bad: bool = False, prompt_name: str | None = None, truncate_dim: int | None = None,
-                  precision: str = "float32", truncate: bool = True, truncation_direction: str = "right"):
+                  precision: str = "float32", truncate: bool = True, truncation_direction: str = "right",
+                  chunking: object = None):
     """Embed a Ray Dataset's `text_column`; returns a lazy Dataset of (id, embedding, tokens, truncated).
 
-    `prompt_name`, `truncate_dim`, `precision`, `truncate`, `truncation_direction`: as in `Embedder.encode`.
+    `prompt_name`, `truncate_dim`, `precision`, `truncate`, `truncation_direction`, `chunking`: as in
+    `Embedder.encode`.
 
     The artifact folder must be readable at the same path on every node (a shared or synced disk).
 
@@ -130,7 +132,7 @@ def embed_dataset(ds, artifact: str, *, variant: str = "auto", text_column: str 
                                    text_column=text_column, id_column=id_column, id_type=id_type, skip_bad=skip_bad,
                                    encode_options=dict(prompt_name=prompt_name, truncate_dim=truncate_dim,
                                                        precision=precision, truncate=truncate,
-                                                       truncation_direction=truncation_direction)),
+                                                       truncation_direction=truncation_direction, chunking=chunking)),
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=threads_per_actor)
 
 

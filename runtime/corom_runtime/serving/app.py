@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from corom_runtime.serving.batcher import BatcherSettings, DynamicBatcher
-from corom_runtime.embedder import Embedder, Shaping, Truncation
+from corom_runtime.embedder import Chunking, Embedder, Shaping, Truncation
 from corom_runtime.tokenization import DIRECTIONS
 from corom_runtime.errors import InvalidInputError, positive_int
 from corom_runtime.serving.http_errors import HTTPError, error_response, from_exception
@@ -141,6 +141,7 @@ class RequestOptions:
     prompt: str = ""
     cut: Truncation = Truncation()
     shaping: Shaping = Shaping()
+    chunking: Chunking | None = None
 
 
 def _prompt(embedder: Embedder, body: dict) -> str:
@@ -180,7 +181,23 @@ def _options(embedder: Embedder, body: dict) -> RequestOptions:
         shaping = embedder.shaping(dims, precision)
     except ValueError as exc:  # out of range, unknown precision, an artifact without calibration
         raise HTTPError(400, str(exc).replace("truncate_dim", "'dimensions'").replace("precision", "'precision'", 1)[:400]) from exc
-    return RequestOptions(_prompt(embedder, body), Truncation(truncate, direction), shaping)
+    try:
+        chunking = Chunking.of(body.get("chunking"))
+    except (ValueError, TypeError) as exc:
+        raise HTTPError(400, f"'chunking': {str(exc)[:300]}") from exc
+    return RequestOptions(_prompt(embedder, body), Truncation(truncate, direction), shaping, chunking)
+
+
+def _shaped(ticket, rows: np.ndarray, options: RequestOptions) -> Any:
+    """The request's answer: its rows (a chunked text's windows averaged) shaped as asked; for
+    chunking pool "none", per text its windows' shaped rows and their character spans."""
+    plan = ticket.plan
+    if plan is None:
+        return options.shaping.apply(rows)
+    if options.chunking is not None and options.chunking.pool == "none":
+        return [{"embeddings": options.shaping.apply(w), "spans": spans}
+                for w, spans in zip(plan.windows(rows), plan.spans)]
+    return options.shaping.apply(plan.pool(rows))
 
 
 def _kind(value: Any) -> str:
@@ -228,7 +245,7 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
         saw. A client that goes away while its request is queued has it dropped before inference."""
         queue = batcher()
         heavy = sum(len(t) for t in texts) > OFFLOAD_TEXT_CHARS  # tokenizing happens in submit
-        submit = functools.partial(queue.submit, texts, prompt=options.prompt, cut=options.cut)
+        submit = functools.partial(queue.submit, texts, prompt=options.prompt, cut=options.cut, chunking=options.chunking)
         ticket = await asyncio.to_thread(submit) if heavy else submit()
         result = asyncio.wrap_future(ticket.future)
         # a forced exit fails it after its handler is gone: retrieve the error so it is not logged as lost
@@ -237,7 +254,7 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
         # task that watches for its client leaving (creating one per request cost ~0.1 ms)
         done, _ = await asyncio.wait({result}, timeout=WATCH_AFTER_S)
         if done:
-            return options.shaping.apply(result.result()), ticket.token_count
+            return _shaped(ticket, result.result(), options), ticket.token_count
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             done, _ = await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -247,7 +264,7 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
             ticket.cancel()
             result.cancel()
             raise ClientDisconnect()
-        return options.shaping.apply(result.result()), ticket.token_count
+        return _shaped(ticket, result.result(), options), ticket.token_count
 
     def endpoint(handler, protected: bool = True):
         async def wrapped(request: Request) -> Response:
@@ -284,6 +301,9 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
             raise HTTPError(400, f"precision {precision!r} needs an explicit 'encoding_format': 'float' for lists of "
                                  "integers, 'base64' for the raw bytes (dtype named in the answer); a client that "
                                  "decodes base64 as float32, as the OpenAI SDK does, would misread them")
+        if options.chunking is not None and options.chunking.pool != "mean":
+            raise HTTPError(400, "/v1/embeddings returns one vector per input: 'chunking' pool must be 'mean' "
+                                 "(per-window vectors: /embed with pool 'none')")
         _echo(body.get("user"), "user")
         emb, tokens = await embed_texts(request, texts, options)
 
@@ -306,6 +326,8 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
             raise HTTPError(400, "body must be a JSON object with 'inputs' (a string or a list of strings)")
         texts = _texts(body["inputs"], "inputs", settings.max_items)
         emb, _ = await embed_texts(request, texts, _options(embedder, body))
+        if isinstance(emb, list):  # chunking pool "none": [{"embeddings": [[...], ...], "spans": [[start, end], ...]}]
+            return await _respond(lambda: VectorsResponse(emb), sum(e["embeddings"].size for e in emb))
         return await _respond(lambda: VectorsResponse(emb), emb.size)
 
     async def similarity(request: Request) -> Response:

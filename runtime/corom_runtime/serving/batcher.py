@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from corom_runtime.embedder import Embedder, Truncation
+from corom_runtime.embedder import ChunkPlan, Chunking, Embedder, Truncation
 from corom_runtime.errors import BatcherClosedError, InvalidInputError, OverloadedError, RequestTooLargeError, positive_int
 from corom_runtime.serving.metrics import SIZE_BUCKETS, Metrics
 from corom_runtime.tokenization import TokenizedText, check_texts
@@ -70,10 +70,13 @@ class Ticket:
     future: Future
     timings: RequestTimings = field(default_factory=RequestTimings)
     token_count: int = 0
+    # a chunked request: the future holds its windows' rows; `plan.pool` turns them into its texts'
+    plan: ChunkPlan | None = None
 
     def result(self, timeout: float | None = None) -> np.ndarray:
-        """float32 `[texts, dim]`, in the order submitted."""
-        return self.future.result(timeout)
+        """float32 `[texts, dim]`, in the order submitted (a chunked text: its windows, averaged)."""
+        rows = self.future.result(timeout)
+        return self.plan.pool(rows) if self.plan is not None else rows
 
     def cancel(self) -> bool:
         """Drop the request if it is still queued (True); a running batch cannot be recalled (False)."""
@@ -176,9 +179,11 @@ class DynamicBatcher:
         """The worker is alive and taking work (what `/health` reports)."""
         return self._worker.is_alive() and not self._closing
 
-    def submit(self, texts: Sequence[str], *, prompt: str = "", cut: Truncation | None = None) -> Ticket:
+    def submit(self, texts: Sequence[str], *, prompt: str = "", cut: Truncation | None = None,
+               chunking: Chunking | None = None) -> Ticket:
         """Queue texts; `ticket.result()` is float32 `[len(texts), dim]`. `prompt` goes before every
-        text; `cut` says what to do with over-length ones (default: cut on the right).
+        text; `cut` says what to do with over-length ones (default: cut on the right); `chunking` embeds
+        them as windows instead (the queue and its limits count windows).
 
         The ticket also carries `.timings` (filled in as the request moves) and `.token_count`.
 
@@ -195,7 +200,15 @@ class DynamicBatcher:
             ticket.future.set_result(np.empty((0, self.embedder.dim), dtype=np.float32))
             return ticket
         start = time.perf_counter()
-        items = self.embedder.tokenize(checked, prompt, cut)  # in the caller's thread: tokenizing runs in parallel
+        # in the caller's thread: tokenizing runs in parallel
+        if chunking is None:
+            items = self.embedder.tokenize(checked, prompt, cut)
+        else:
+            ticket.plan = self.embedder.chunk_plan(checked, prompt, chunking)
+            items = ticket.plan.items
+            if len(items) > self.settings.max_queue:
+                raise RequestTooLargeError(f"{len(checked)} texts make {len(items)} windows, more than the queue "
+                                           f"holds (max_queue {self.settings.max_queue}): split the request")
         ticket.timings.tokenize_s = time.perf_counter() - start
         ticket.token_count = sum(item.length for item in items)
         with self._cond:
