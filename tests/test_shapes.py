@@ -62,3 +62,22 @@ def test_bucketed_vectors_stay_within_the_variants_own_gate(bundled_artifact, va
     cos = (padded * exact).sum(1) / np.linalg.norm(padded, axis=1) / np.linalg.norm(exact, axis=1)
     assert padded.shape == exact.shape == (37, emb.dim)
     assert cos.min() >= VARIANTS[variant].gate.batch_invariance, cos.min()
+
+
+def test_bucket_list_is_every_bucket_smallest_first():
+    from corom_runtime.shapes import bucket_list
+
+    shapes = bucket_list(128, 32)
+    assert len(shapes) == bucket_shapes(128) == len(set(shapes)) and shapes[0] == (1, 16)
+    work = [r * n for r, n in shapes]
+    assert work == sorted(work) and shapes[-1] == (32, 128)
+
+
+@pytest.mark.skipif(not engine_installed("openvino"), reason="the OpenVINO engine is not installed")
+def test_warming_runs_every_bucket_once(bundled_artifact, monkeypatch):
+    emb = Embedder.load(bundled_artifact, variant="ov-bf16", device="cpu", verify_here=False)
+    seen = []
+    real = emb.session.run
+    monkeypatch.setattr(emb.session, "run", lambda ids, mask: seen.append(ids.shape) or real(ids, mask))
+    assert emb.session.warm_buckets(4) == len(seen) == 4 * 8  # rows 1, 2, 3, 4 x lengths 16..128
+    assert len(set(seen)) == len(seen)

@@ -44,16 +44,24 @@ def bucket_rows(rows: int, sizes: tuple[int, ...] = BATCH_SIZES) -> int:
     return -(-rows // sizes[-1]) * sizes[-1]
 
 
+def bucket_list(max_length: int, max_rows: int = BATCH_SIZES[-1], step: int = LENGTH_STEP) -> list[tuple[int, int]]:
+    """Every (rows, length) bucket batches of up to `max_rows` texts can meet, smallest work first.
+
+    >>> bucket_list(32, 2)
+    [(1, 16), (1, 32), (2, 16), (2, 32)]
+    """
+    lengths = sorted({bucket_length(n, max_length, step) for n in range(1, max_length + 1)})
+    rows = sorted({bucket_rows(n) for n in range(1, max_rows + 1)})
+    return sorted(((r, n) for r in rows for n in lengths), key=lambda shape: (shape[0] * shape[1], shape))
+
+
 def bucket_shapes(max_length: int, max_rows: int = BATCH_SIZES[-1], step: int = LENGTH_STEP) -> int:
-    """How many (rows, length) buckets batches of up to `max_rows` can meet: what a per-shape cache
-    must hold for no hot kernel to be evicted.
+    """How many buckets there are: what a per-shape cache must hold for no hot kernel to be evicted.
 
     >>> bucket_shapes(128), bucket_shapes(512, 64)
     (80, 352)
     """
-    lengths = len({bucket_length(n, max_length, step) for n in range(1, max_length + 1)})
-    rows = len({bucket_rows(n) for n in range(1, max_rows + 1)})
-    return lengths * rows
+    return len(bucket_list(max_length, max_rows, step))
 
 
 def pad_to_bucket(input_ids: np.ndarray, attention_mask: np.ndarray,

@@ -16,7 +16,7 @@ import numpy as np
 from corom_runtime.catalog import ENGINES
 from corom_runtime.errors import ArtifactError, ProviderUnavailableError
 from corom_runtime.engines.settings import SessionSettings
-from corom_runtime.shapes import pad_to_bucket
+from corom_runtime.shapes import bucket_list, pad_to_bucket
 from corom_runtime.engines.base import OUTPUT, build_feed, check_inputs
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,17 @@ class OpenVINOSession:
                 self._created += 1
                 return self._compiled.create_infer_request()
         return self._requests.get()  # every request is busy: wait for one to come back
+
+    def warm_buckets(self, max_rows: int) -> int:
+        """Compile every shape bucket of batches up to `max_rows` (smallest first), so no request pays a
+        first compile and memory reaches its bound at once instead of over hours. For a server, in a
+        background thread after it is ready: it shares the infer requests with live traffic one
+        inference at a time. Returns how many shapes it ran."""
+        shapes = bucket_list(self.max_length, max_rows) if self.shape_buckets else []
+        for rows, length in shapes:
+            ids = np.zeros((rows, length), dtype=np.int64)
+            self.run(ids, np.ones_like(ids))
+        return len(shapes)
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         rows = len(input_ids)

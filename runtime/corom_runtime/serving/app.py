@@ -17,6 +17,7 @@ import hmac
 import json
 import logging
 import math
+import threading
 import os
 import time
 import uuid
@@ -200,6 +201,16 @@ def _shaped(ticket, rows: np.ndarray, options: RequestOptions) -> Any:
     return options.shaping.apply(plan.pool(rows))
 
 
+def _warm(warm_buckets: Callable[[int], int], max_rows: int) -> None:
+    start = time.perf_counter()
+    try:
+        shapes = warm_buckets(max_rows)
+    except Exception:  # noqa: BLE001 - warming is an optimisation: a failure is logged, serving goes on
+        log.exception("warming the shape buckets failed; they compile on first use instead")
+        return
+    log.info("warmed %d shape buckets in %.1f s", shapes, time.perf_counter() - start)
+
+
 def _kind(value: Any) -> str:
     return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null",
             int: "int", float: "float"}.get(type(value), type(value).__name__)
@@ -230,8 +241,10 @@ def authorized(header: str | None, api_key: str | None) -> bool:
                                                               api_key.encode("utf-8"))
 
 
-def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) -> RequestGuard:
-    """The ASGI app. The batcher starts with the app and drains on shutdown (SIGTERM under uvicorn)."""
+def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings(),
+               warm_buckets: bool = False) -> RequestGuard:
+    """The ASGI app. The batcher starts with the app and drains on shutdown (SIGTERM under uvicorn).
+    `warm_buckets` (what `corom serve` does): once ready, compile every shape bucket in the background."""
     state: dict[str, Any] = {"ready": False, "batcher": None, "rate": None}
 
     def batcher() -> DynamicBatcher:
@@ -371,6 +384,10 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings()) 
         state["ready"] = True
         log.info("serving %s (%s on %s, %.0f long texts/s)", embedder.info.model, embedder.variant,
                  embedder.info.device, state["rate"])
+        warm = getattr(embedder.session, "warm_buckets", None) if warm_buckets else None
+        if warm is not None:  # an engine that compiles per shape: every bucket now, in the background
+            threading.Thread(target=_warm, args=(warm, settings.batcher.max_batch_size), name="corom-warm",
+                             daemon=True).start()
         try:
             yield
         except asyncio.CancelledError:  # a forced exit (second signal): no drain, answer nobody
@@ -444,7 +461,7 @@ def serve(args) -> int:
                              allow_fallback=args.allow_fallback)
     if not loopback and settings.api_key is None:
         log.warning("binding %s without an API key: anyone who can reach it can use it", args.host)
-    app = create_app(embedder, settings)
+    app = create_app(embedder, settings, warm_buckets=True)  # a long-running server: compile every shape once
     state = app.state  # type: ignore[attr-defined]
     def drain() -> float:  # decided at the signal: the rate is measured when the app starts
         return settings.drain_s or drain_seconds(settings.batcher.max_queue, state["rate"] or 1.0)
