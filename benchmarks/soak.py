@@ -46,14 +46,17 @@ def growth(samples: list[tuple[float, float]], from_s: float) -> float | None:
     return (later[-1] - later[0]) / later[0] if len(later) >= 2 else None
 
 
+PROBE_WARMUP = 20
+
+
 def single_query_latency(url: str, queries: list[str], calls: int) -> dict:
     """One client, one text per request, back to back: p50/p95/p99 ms."""
     times = []
     with httpx.Client(base_url=url, timeout=30) as c:
-        for i in range(calls + 20):
+        for i in range(calls + PROBE_WARMUP):
             start = time.perf_counter()
             c.post("/embed", json={"inputs": [queries[i % len(queries)]]}).raise_for_status()
-            if i >= 20:  # the first calls warm the connection up
+            if i >= PROBE_WARMUP:  # the first calls warm the connection up
                 times.append(time.perf_counter() - start)
     return percentiles(times)
 
@@ -73,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     queries = workload_corpus("mixed", n_queries=200, n_passages=10).queries
     proc, url = start_server(["--model", args.artifact, "--variant", args.variant], args.port)
     before = single_query_latency(url, queries, args.probe_calls)
+    probes = 2 * (args.probe_calls + PROBE_WARMUP)  # answered by the server too: part of its count
     duration = args.minutes * 60
     start = time.time()
     counts = {"ok": 0, "client_error": 0, "other": 0}
@@ -112,14 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "minutes": args.minutes,
         "clients": args.clients, "variant": args.variant, "counts": counts, "server_requests_total": served,
-        "counters_exact": served == counts["ok"], "rss_samples": samples,
+        "probe_requests": probes, "counters_exact": served == counts["ok"] + probes, "rss_samples": samples,
         "rss_growth_from_minute_5": growth(samples, 300.0), "exit_code": exit_code,
         "single_query_before": before, "single_query_after": after,
     }
     g = result["rss_growth_from_minute_5"]
     summary = (f"Soak {args.minutes:g} min, {args.clients} clients: {counts['ok']} answered 200, "
                f"{counts['client_error']} bad requests answered 4xx, {counts['other']} other; server counted "
-               f"{served:.0f} (exact: {result['counters_exact']}); RSS {samples[0][1]:.0f} -> {samples[-1][1]:.0f} MB, "
+               f"{served:.0f} with {probes} single-query probes (exact: {result['counters_exact']}); RSS {samples[0][1]:.0f} -> {samples[-1][1]:.0f} MB, "
                f"growth from minute 5: {'-' if g is None else f'{g:.2%}'}; exit {exit_code}. Single query through "
                f"the server, p50 / p99 ms: before {before['p50_ms']:.2f} / {before['p99_ms']:.2f}, after "
                f"{after['p50_ms']:.2f} / {after['p99_ms']:.2f}\n")
