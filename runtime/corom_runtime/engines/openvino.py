@@ -129,13 +129,16 @@ class OpenVINOSession:
                 return self._compiled.create_infer_request()
         return self._requests.get()  # every request is busy: wait for one to come back
 
-    def warm_buckets(self, max_rows: int) -> int:
+    def warm_buckets(self, max_rows: int, stop: threading.Event | None = None) -> int:
         """Compile every shape bucket of batches up to `max_rows` (smallest first), so no request pays a
         first compile and memory reaches its bound at once instead of over hours. For a server, in a
         background thread after it is ready: it shares the infer requests with live traffic one
-        inference at a time. Returns how many shapes it ran."""
+        inference at a time; `stop` ends it between two shapes (a process must not exit while OpenVINO
+        runs in a daemon thread: it aborts). Returns how many shapes it ran."""
         shapes = bucket_list(self.max_length, max_rows) if self.shape_buckets else []
-        for rows, length in shapes:
+        for done, (rows, length) in enumerate(shapes):
+            if stop is not None and stop.is_set():
+                return done
             ids = np.zeros((rows, length), dtype=np.int64)
             self.run(ids, np.ones_like(ids))
         return len(shapes)

@@ -201,10 +201,10 @@ def _shaped(ticket, rows: np.ndarray, options: RequestOptions) -> Any:
     return options.shaping.apply(plan.pool(rows))
 
 
-def _warm(warm_buckets: Callable[[int], int], max_rows: int) -> None:
+def _warm(warm_buckets: Callable[..., int], max_rows: int, stop: threading.Event) -> None:
     start = time.perf_counter()
     try:
-        shapes = warm_buckets(max_rows)
+        shapes = warm_buckets(max_rows, stop)
     except Exception:  # noqa: BLE001 - warming is an optimisation: a failure is logged, serving goes on
         log.exception("warming the shape buckets failed; they compile on first use instead")
         return
@@ -385,16 +385,24 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings(),
         log.info("serving %s (%s on %s, %.0f long texts/s)", embedder.info.model, embedder.variant,
                  embedder.info.device, state["rate"])
         warm = getattr(embedder.session, "warm_buckets", None) if warm_buckets else None
+        stop_warming = threading.Event()
+        warmer = threading.Thread(target=_warm, args=(warm, settings.batcher.max_batch_size, stop_warming),
+                                  name="corom-warm", daemon=True)
         if warm is not None:  # an engine that compiles per shape: every bucket now, in the background
-            threading.Thread(target=_warm, args=(warm, settings.batcher.max_batch_size), name="corom-warm",
-                             daemon=True).start()
+            warmer.start()
         try:
             yield
         except asyncio.CancelledError:  # a forced exit (second signal): no drain, answer nobody
+            stop_warming.set()
+            if warmer.is_alive():
+                warmer.join(10)  # one inference at most: OpenVINO aborts a process exiting under it
             state["ready"] = False
             state["batcher"].abandon_queued("the server was stopped")
             state["batcher"].close(timeout=5)
             raise
+        stop_warming.set()
+        if warmer.is_alive():
+            warmer.join(10)  # one inference at most
         state["ready"] = False
         state["batcher"].close()  # finishes every accepted request not abandoned at the drain deadline
         log.info("batcher drained; stopped")
