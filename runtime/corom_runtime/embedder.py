@@ -379,19 +379,14 @@ class Embedder:
         normalize_embeddings: bool | None = None,
         show_progress_bar: bool = False,
         return_report: bool = False,
-        max_batch_tokens: int | None = None,
-        prompt_name: str | None = None,
-        prompt: str | None = None,
-        truncate_dim: int | None = None,
-        precision: str = "float32",
-        truncate: bool = True,
-        truncation_direction: str = "right",
-        chunking: Any = None,
+        **options: Any,
     ) -> Any:
         """Embed texts; `[len(texts), dim]` in the caller's order (1-D for a single str).
 
-        Close to sentence-transformers' `encode`. `normalize_embeddings=None` keeps the model's own
-        convention (the artifact says whether normalisation is in the graph); True L2-normalises.
+        Close to sentence-transformers' `encode`. Every option of `encode_iter` is taken by keyword
+        (`max_batch_tokens`, `prompt_name`, `prompt`, `truncate_dim`, `precision`, `truncate`,
+        `truncation_direction`, `chunking`: one list, with its defaults, there).
+        `normalize_embeddings=None` keeps the model's own convention (the artifact says whether normalisation is in the graph); True L2-normalises.
         `prompt_name` puts the model's prompt of that name before every text (e5: "query", "passage";
         bge: "query"; see `embedder.prompts`); `prompt` puts any text. The prompt's tokens count
         towards max_length, as in sentence-transformers.
@@ -415,14 +410,14 @@ class Embedder:
         """
         single = isinstance(texts, str)
         checked = check_texts([texts] if single else texts)
-        truncate_dim, precision = check_shape_options(self.dim, truncate_dim, precision)
+        truncate_dim, precision = check_shape_options(self.dim, options.get("truncate_dim"),
+                                                      options.get("precision", "float32"))
         out = np.empty((len(checked), shaped_width(self.dim, truncate_dim, precision)), dtype=DTYPES[precision])
         reports: list[ItemReport] = []
+        windows = self.encode_iter(checked, batch_size=batch_size, normalize_embeddings=normalize_embeddings,
+                                   **options)  # an unknown option fails here, naming itself
         bar = progress_bar(len(checked), enabled=show_progress_bar)
-        for window in self.encode_iter(checked, batch_size=batch_size, normalize_embeddings=normalize_embeddings,
-                                       max_batch_tokens=max_batch_tokens, prompt_name=prompt_name, prompt=prompt,
-                                       truncate_dim=truncate_dim, precision=precision, truncate=truncate,
-                                       truncation_direction=truncation_direction, chunking=chunking):
+        for window in windows:
             out[window.start:window.start + len(window)] = window.vectors
             if return_report:
                 reports.extend(window.reports())
