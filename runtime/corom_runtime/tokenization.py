@@ -116,9 +116,7 @@ class TextTokenizer:
 
     def _encode_left(self, texts: Sequence[str], prompt: str) -> list[TokenizedText]:
         # built by hand: special tokens, the prompt whole, then as much of the text's end as fits
-        plain = self._untruncated()
-        head, tail = self._special_ids()
-        prompt_ids = plain.encode(_clean(prompt), add_special_tokens=False).ids if prompt else []
+        plain, head, tail, prompt_ids = self._framing(prompt)
         budget = self.max_length - len(head) - len(tail) - len(prompt_ids)
         if budget < 1:
             raise InvalidInputError(f"the prompt alone takes {len(prompt_ids)} of this model's {self.max_length} tokens")
@@ -136,9 +134,7 @@ class TextTokenizer:
         """Each text as windows of the model's length sharing `overlap` tokens with their neighbours:
         per text its windows (special tokens and the prompt in each), their character spans in the text,
         and whether it was cut (more than `max_windows` windows). A text that fits is one window."""
-        plain = self._untruncated()
-        head, tail = self._special_ids()
-        prompt_ids = plain.encode(_clean(prompt), add_special_tokens=False).ids if prompt else []
+        plain, head, tail, prompt_ids = self._framing(prompt)
         size = self.max_length - len(head) - len(tail) - len(prompt_ids)
         if not 0 <= overlap < size:
             raise InvalidInputError(f"chunking overlap must be from 0 to {size - 1} tokens (a window holds {size}), "
@@ -160,9 +156,8 @@ class TextTokenizer:
     def token_counts(self, texts: Sequence[str], prompt: str = "") -> list[int]:
         """Tokens each text would take untruncated, special tokens and prompt included (texts past the
         character cap are counted up to it)."""
-        plain = self._untruncated()
-        head, tail = self._special_ids()
-        extra = len(head) + len(tail) + (len(plain.encode(_clean(prompt), add_special_tokens=False).ids) if prompt else 0)
+        plain, head, tail, prompt_ids = self._framing(prompt)
+        extra = len(head) + len(tail) + len(prompt_ids)
         return [extra + len(e.ids) for e in plain.encode_batch([_clean(t[: self.char_cap]) for t in texts],
                                                                add_special_tokens=False)]
 
@@ -172,6 +167,13 @@ class TextTokenizer:
             plain.no_truncation()
             self._plain = plain
         return self._plain
+
+    def _framing(self, prompt: str) -> tuple[Tokenizer, list[int], list[int], list[int]]:
+        """What every hand-assembled input shares: the untruncated tokenizer, the special tokens before
+        and after a text, and the prompt's tokens."""
+        plain = self._untruncated()
+        head, tail = self._special_ids()
+        return plain, head, tail, plain.encode(_clean(prompt), add_special_tokens=False).ids if prompt else []
 
     def _special_ids(self) -> tuple[list[int], list[int]]:
         """The special tokens the model puts before and after one text ([CLS] / [SEP], <s> / </s>)."""
