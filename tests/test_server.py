@@ -243,21 +243,23 @@ def test_cli_serve_shuts_down_gracefully_on_sigterm(bundled_artifact):
 
 
 def test_the_uvicorn_internals_we_patch_are_still_there():
-    """`serving.runner` leans on uvicorn's h11 protocol (pinned <0.56 in pyproject): fail here, not in a
-    production server, when an upgrade moves what it overrides or reads."""
+    """`serving.runner` leans on uvicorn's httptools protocol (pinned <0.56 in pyproject): fail here, not in
+    a production server, when an upgrade moves what it overrides or reads."""
     import inspect
 
-    from uvicorn.protocols.http import h11_impl
+    from uvicorn.protocols.http import httptools_impl
 
     from corom_runtime.serving import runner
 
-    assert h11_impl.service_unavailable is runner._over_connection_bound
+    assert httptools_impl.service_unavailable is runner._over_connection_bound
     protocol = guarded_protocol(1.0)
+    base_class = httptools_impl.HttpToolsProtocol
     for name in ("connection_made", "data_received", "on_response_complete", "send_400_response", "connection_lost"):
-        base = getattr(h11_impl.H11Protocol, name)
+        base = getattr(base_class, name)
         assert callable(base) and getattr(protocol, name) is not base, name
         assert list(inspect.signature(base).parameters) == list(inspect.signature(getattr(protocol, name)).parameters), name
-    source = inspect.getsource(h11_impl.H11Protocol)
-    for attribute in ("self.conn", "self.cycle", "self.transport", "self.loop", "self.client"):
+    source = inspect.getsource(base_class)
+    for attribute in ("self.pipeline", "self.cycle", "self.transport", "self.loop", "self.client"):
         assert attribute in source, attribute
-    assert "service_unavailable" in inspect.getsource(h11_impl)  # still what uvicorn calls past --limit-concurrency
+    # still what uvicorn calls past --limit-concurrency
+    assert "app = service_unavailable" in inspect.getsource(base_class.on_headers_complete)

@@ -480,7 +480,7 @@ def serve(args) -> int:
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level="info",
         http=guarded_protocol(settings.header_timeout_s, settings.max_header_bytes),
-        limit_concurrency=settings.max_connections, h11_max_incomplete_event_size=settings.max_header_bytes,
+        limit_concurrency=settings.max_connections, loop="auto",  # uvloop where installed ([serve] has it)
         timeout_keep_alive=5, access_log=args.access_log,
     )
     server = DrainingServer(config, drain, on_deadline)
