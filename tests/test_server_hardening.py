@@ -80,27 +80,73 @@ def metric(server, name: str) -> float:
     return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
 
 
-def test_a_client_that_leaves_has_its_work_dropped(server):
-    """Fill the queue with long work, send a request and hang up: it is dropped before inference."""
-    cancelled_before = metric(server, "corom_requests_cancelled_total")
-    texts_before = metric(server, "corom_texts_total")
-    busy = [threading.Thread(target=httpx.post, args=(server.url("/embed"),),
-                             kwargs={"json": {"inputs": [LONG] * 16}, "timeout": 60}) for _ in range(12)]
-    for t in busy:
+def test_concurrent_clients_share_inferences_and_get_their_own_rows(server, embedder):
+    """8 concurrent clients: requests that meet in the queue share an inference, and every answer is
+    its own texts' vectors (none lost, swapped or cut)."""
+    import numpy as np
+
+    from corom_runtime.catalog import VARIANTS
+
+    pool = [f"client {c} asks question {i} about {'topic ' * (i % 4)}" for c in range(8) for i in range(12)]
+    requests = [pool[i:i + 1 + i % 3] for i in range(0, len(pool), 2)]
+    expected = dict(zip(pool, embedder.encode(pool)))
+    gate = VARIANTS[embedder.variant].gate.min_cosine
+    batches_before, errors = metric(server, "corom_batches_total"), []
+
+    def client(mine: list[list[str]]) -> None:
+        with httpx.Client(timeout=60) as c:
+            for texts in mine:
+                rows = np.asarray(c.post(server.url("/embed"), json={"inputs": texts}).json(), dtype=np.float32)
+                want = np.stack([expected[t] for t in texts])
+                cos = (rows * want).sum(1) / np.linalg.norm(rows, axis=1) / np.linalg.norm(want, axis=1)
+                if rows.shape != want.shape or cos.min() < gate:
+                    errors.append(texts)
+
+    threads = [threading.Thread(target=client, args=(requests[k::8],)) for k in range(8)]
+    for t in threads:
         t.start()
-    time.sleep(0.2)
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[:2]
+    inferences = metric(server, "corom_batches_total") - batches_before
+    assert inferences < len(requests), inferences  # some requests shared an inference
+
+
+def test_a_client_that_leaves_has_its_work_dropped(server, embedder, monkeypatch):
+    """Hold the worker in a long request, queue one behind it and hang up: it is dropped before inference."""
+    gate, real = threading.Event(), embedder.embed_tokenized
+
+    def held(items, *args):  # the worker's inference waits until the gone client has been noticed
+        gate.wait(30)
+        return real(items, *args)
+
+    monkeypatch.setattr(embedder, "embed_tokenized", held)
+    cancelled_before = metric(server, "corom_requests_cancelled_total")
+    texts_before, requests_before = metric(server, "corom_texts_total"), metric(server, "corom_requests_total")
+    busy = threading.Thread(target=httpx.post, args=(server.url("/embed"),),
+                            kwargs={"json": {"inputs": [LONG] * 16}, "timeout": 60})
+    busy.start()
     body = json.dumps({"inputs": ["nobody will read this"] * 16}).encode()
-    with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        sock.sendall(b"POST /embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        time.sleep(0.1)  # parsed and queued behind the long work
-    for t in busy:
-        t.join(60)
+    try:
+        deadline = time.time() + 10
+        while metric(server, "corom_queue_texts") > 0 or metric(server, "corom_requests_total") == requests_before:
+            assert time.time() < deadline, "the long request never reached the worker"
+            time.sleep(0.02)
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"POST /embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            while metric(server, "corom_queue_texts") < 16:  # parsed and queued behind the long work
+                assert time.time() < deadline, "the request never queued"
+                time.sleep(0.02)
+        time.sleep(0.3)  # the server notices the hang-up (it watches a request after 50 ms)
+    finally:
+        gate.set()
+    busy.join(60)
     deadline = time.time() + 10
     while metric(server, "corom_queue_texts") > 0 and time.time() < deadline:
         time.sleep(0.05)
     assert metric(server, "corom_requests_cancelled_total") == cancelled_before + 1
-    assert metric(server, "corom_texts_total") == texts_before + 12 * 16  # the gone client's 16 never ran
+    assert metric(server, "corom_texts_total") == texts_before + 16  # the gone client's 16 never ran
 
 
 def test_stalled_clients_do_not_lock_out_a_healthy_one(embedder):
