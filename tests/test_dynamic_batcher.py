@@ -246,6 +246,7 @@ def test_decide_is_a_pure_function_of_queue_settings_and_time():
     ({"max_wait_ms": float("inf")}, "max_wait_ms"), ({"max_wait_ms": float("nan")}, "max_wait_ms"),
     ({"max_wait_ms": -1}, "max_wait_ms"), ({"max_batch_tokens": 0}, "max_batch_tokens"),
     ({"max_batch_size": 2.5}, "max_batch_size"), ({"max_queue": True}, "max_queue"),
+    ({"inline_max_tokens": -1}, "inline_max_tokens"), ({"inline_max_tokens": True}, "inline_max_tokens"),
 ])
 def test_settings_that_would_kill_the_worker_are_refused(kwargs, field, capsys):
     from corom_runtime.cli import main as corom
@@ -270,7 +271,7 @@ def test_a_worker_bug_fails_one_round_and_the_worker_goes_on(embedder, monkeypat
         return real(*args, **kwargs)
 
     monkeypatch.setattr(batcher_module, "decide", flaky)
-    with DynamicBatcher(embedder) as batcher:
+    with DynamicBatcher(embedder, BatcherSettings(inline_max_tokens=0)) as batcher:  # every request via the worker
         assert batcher.encode(["survives"], timeout=10).shape == (1, embedder.dim)
         assert batcher.encode(["still served"], timeout=10).shape == (1, embedder.dim)
         assert batcher.healthy and batcher.metrics.value("corom_worker_errors_total") == 1
@@ -285,3 +286,86 @@ def test_public_api_and_bad_containers(embedder):
             embedder.encode(bad)
     ticket = DynamicBatcher(embedder).submit(["typed ticket"])
     assert ticket.result(10).shape == (1, embedder.dim) and ticket.token_count > 2 and ticket.timings.inference_s > 0
+
+
+def test_runs_inline_is_a_pure_function_of_size_settings_and_idleness():
+    from corom_runtime.serving.batcher import runs_inline
+
+    s = BatcherSettings(max_batch_size=8, inline_max_tokens=64)
+    assert runs_inline(1, 20, s, idle=True)
+    assert runs_inline(2, 32, s, idle=True)                  # 64 padded tokens: the bound itself
+    assert not runs_inline(3, 32, s, idle=True)              # 96 > 64: the worker takes it
+    assert not runs_inline(1, 20, s, idle=False)             # something queued or running: queue behind it
+    assert not runs_inline(9, 2, s, idle=True)               # more texts than a batch
+    assert not runs_inline(1, 20, BatcherSettings(max_wait_ms=5, inline_max_tokens=64), idle=True)  # lingering
+    assert not runs_inline(1, 1, BatcherSettings(inline_max_tokens=0), idle=True)                    # switched off
+
+
+def _recording(embedder, monkeypatch, gate: threading.Event | None = None) -> list:
+    """Wrap the embedder's inference: record each call's thread, its size and how many ran at once."""
+    real, calls, running, lock = embedder.embed_tokenized, [], [0], threading.Lock()
+
+    def recorded(items, *args):
+        with lock:
+            running[0] += 1
+            calls.append((threading.current_thread().name, len(items), running[0]))
+        try:
+            if gate is not None:
+                gate.wait(10)
+            return real(items, *args)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(embedder, "embed_tokenized", recorded)
+    return calls
+
+
+def test_a_lone_blocking_request_runs_in_the_callers_thread(embedder, alone, monkeypatch):
+    calls = _recording(embedder, monkeypatch)
+    with DynamicBatcher(embedder) as batcher:
+        _check(batcher.encode([POOL[3]], timeout=10), [3], alone, tolerance(embedder))     # inline
+        _check(batcher.submit([POOL[4]]).result(10), [4], alone, tolerance(embedder))      # not asked: the worker
+        long = " ".join(["word"] * 200)  # 8 texts x 128 tokens: over the inline bound, so the worker
+        assert batcher.encode([long] * 8, timeout=10).shape == (8, embedder.dim)
+        assert batcher.metrics.value("corom_inline_total") == 1
+    assert [c[0] for c in calls] == [threading.current_thread().name, "corom-batcher", "corom-batcher"]
+
+
+def test_requests_during_an_inline_one_queue_for_the_worker(embedder, alone, monkeypatch):
+    gate = threading.Event()
+    calls = _recording(embedder, monkeypatch, gate)
+    with DynamicBatcher(embedder) as batcher:
+        first = {}
+        caller = threading.Thread(target=lambda: first.setdefault("rows", batcher.encode([POOL[5]], timeout=10)),
+                                  name="inline-caller")
+        caller.start()
+        while not calls:  # the inline inference has begun (and waits on the gate)
+            time.sleep(0.001)
+        queued = [batcher.submit([POOL[6]]), batcher.submit([POOL[7]], inline=True)]  # busy: both queue
+        time.sleep(0.1)
+        assert not any(t.done() for t in queued) and len(calls) == 1  # the worker waits for the inline one
+        gate.set()
+        caller.join(10)
+        _check(first["rows"], [5], alone, tolerance(embedder))
+        _check(np.concatenate([t.result(10) for t in queued]), [6, 7], alone, tolerance(embedder))
+    assert calls[0][0] == "inline-caller" and {c[0] for c in calls[1:]} == {"corom-batcher"}
+    assert max(c[2] for c in calls) == 1  # never two inferences at once
+
+
+def test_an_inline_failure_fails_that_request_and_frees_the_batcher(embedder, alone, monkeypatch):
+    real = embedder.embed_tokenized
+    poison = embedder.tokenizer.encode(["poison"])[0].ids[1]
+
+    def flaky(items, *args):
+        if any(poison in i.ids for i in items):
+            raise RuntimeError("boom")
+        return real(items, *args)
+
+    monkeypatch.setattr(embedder, "embed_tokenized", flaky)
+    with DynamicBatcher(embedder) as batcher:
+        with pytest.raises(RuntimeError, match="inference failed for this request"):
+            batcher.encode(["poison pill"], timeout=10)
+        _check(batcher.encode([POOL[8]], timeout=10), [8], alone, tolerance(embedder))  # inline again: not stuck
+        _check(batcher.submit([POOL[9]]).result(10), [9], alone, tolerance(embedder))  # and the worker too
+        assert batcher.metrics.value("corom_inline_total") == 2 and batcher.healthy

@@ -81,8 +81,9 @@ def metric(server, name: str) -> float:
 
 
 def test_concurrent_clients_share_inferences_and_get_their_own_rows(server, embedder):
-    """8 concurrent clients: requests that meet in the queue share an inference, and every answer is
-    its own texts' vectors (none lost, swapped or cut)."""
+    """A request alone on an idle server runs inline on the event loop; under 8 concurrent clients
+    requests still meet in the queue and share inferences (an event loop that ran each inline would
+    serialize them), and every answer is its own texts' vectors (none lost, swapped or cut)."""
     import numpy as np
 
     from corom_runtime.catalog import VARIANTS
@@ -91,6 +92,11 @@ def test_concurrent_clients_share_inferences_and_get_their_own_rows(server, embe
     requests = [pool[i:i + 1 + i % 3] for i in range(0, len(pool), 2)]
     expected = dict(zip(pool, embedder.encode(pool)))
     gate = VARIANTS[embedder.variant].gate.min_cosine
+    inline_before = metric(server, "corom_inline_total")
+    alone = np.asarray(httpx.post(server.url("/embed"), json={"inputs": pool[:1]}).json(), dtype=np.float32)
+    assert metric(server, "corom_inline_total") == inline_before + 1
+    assert float(alone[0] @ expected[pool[0]]) / np.linalg.norm(alone[0]) / np.linalg.norm(expected[pool[0]]) >= gate
+
     batches_before, errors = metric(server, "corom_batches_total"), []
 
     def client(mine: list[list[str]]) -> None:

@@ -385,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a free worker lingers for a fuller batch (default 0: take what is queued; "
                         "raise it on GPUs, where bigger batches cost little more)")
     p.add_argument("--max-queue", type=int, default=4096, help="queued texts before answering 503 overloaded")
+    p.add_argument("--inline-max-tokens", type=int, default=512,
+                   help="a request alone in flight, of at most this many padded tokens (texts x longest), that "
+                        "finds the batcher idle runs at once on the server's event loop instead of being handed "
+                        "to the batch worker (saves ~0.15 ms); 0 sends every request through the worker "
+                        "(default 512)")
     p.add_argument("--max-items", type=int, default=256, help="most texts in one request")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     p.add_argument("--api-key", default=None,

@@ -245,7 +245,7 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings(),
                warm_buckets: bool = False) -> RequestGuard:
     """The ASGI app. The batcher starts with the app and drains on shutdown (SIGTERM under uvicorn).
     `warm_buckets` (what `corom serve` does): once ready, compile every shape bucket in the background."""
-    state: dict[str, Any] = {"ready": False, "batcher": None, "rate": None}
+    state: dict[str, Any] = {"ready": False, "batcher": None, "rate": None, "inflight": 0}
 
     def batcher() -> DynamicBatcher:
         if state["batcher"] is None or not state["ready"]:
@@ -259,7 +259,15 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings(),
         queue = batcher()
         heavy = sum(len(t) for t in texts) > OFFLOAD_TEXT_CHARS  # tokenizing happens in submit
         submit = functools.partial(queue.submit, texts, prompt=options.prompt, cut=options.cut, chunking=options.chunking)
-        ticket = await asyncio.to_thread(submit) if heavy else submit()
+        if heavy:
+            ticket = await asyncio.to_thread(submit)
+        else:
+            # requests that arrived together all reach this line before any decides: only one alone in
+            # flight may run inline (on the loop, one short inference); requests together are batched
+            await asyncio.sleep(0)
+            ticket = submit(inline=state["inflight"] == 1)
+            if ticket.done():
+                return _shaped(ticket, ticket.result(), options), ticket.token_count
         result = asyncio.wrap_future(ticket.future)
         # a forced exit fails it after its handler is gone: retrieve the error so it is not logged as lost
         result.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -283,6 +291,7 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings(),
         async def wrapped(request: Request) -> Response:
             if protected and not authorized(request.headers.get("authorization"), settings.api_key):
                 return error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'")
+            state["inflight"] += 1  # requests in their handlers now (one event-loop thread: no lock)
             try:
                 return await handler(request)
             except ClientDisconnect:
@@ -296,6 +305,8 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings(),
                     if state["batcher"] is not None:
                         state["batcher"].metrics.inc(INTERNAL_ERRORS)
                 return error_response(error.status, error.message, error.kind, error.headers)
+            finally:
+                state["inflight"] -= 1
         return wrapped
 
     async def openai_embeddings(request: Request) -> Response:
@@ -462,7 +473,8 @@ def serve(args) -> int:
         body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
         max_connections=args.max_connections, drain_s=args.drain_seconds,
         batcher=BatcherSettings(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
-                                max_wait_ms=args.max_wait_ms, max_queue=args.max_queue),
+                                max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                                inline_max_tokens=args.inline_max_tokens),
     )
     # settings are checked before the model loads: a bad flag fails in milliseconds, not after a load
     embedder = Embedder.load(args.model, variant=args.variant, device=args.device, threads=args.threads,

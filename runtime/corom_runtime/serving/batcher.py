@@ -5,6 +5,13 @@ The worker closes a batch when it holds `max_batch_size` texts or `max_batch_tok
 or when the oldest entry has waited `max_wait_ms`; the batch is sorted by length, run once, and each
 caller gets exactly its own rows. Cancelled entries are dropped; a full queue refuses new work
 (`OverloadedError`) instead of growing without bound; `close()` drains what was accepted.
+
+A small request that finds the batcher idle (nothing queued, nothing running) may run at once in the
+caller's thread: there is nobody to batch it with, and handing it to the worker and back costs two
+thread wake-ups (0.15 ms of a 2.5 ms served query, docs/decisions.md). Requests arriving meanwhile
+queue as usual and the worker takes them when it is done. Only a caller that blocks anyway opts in
+(`encode`; the server for a request alone in flight): an event loop that ran every request inline
+would serialize them and never batch.
 """
 
 from __future__ import annotations
@@ -42,10 +49,17 @@ class BatcherSettings:
     # worker linger for fuller batches, which pays where a batch costs little more than one input (GPUs).
     max_wait_ms: float = 0.0
     max_queue: int = 4096  # texts waiting, across all entries
+    # an idle batcher may run a request of at most this many padded tokens (texts x longest) in the
+    # caller's thread (module doc); 0: every request goes through the worker. 512: a few ms of
+    # inference at most, about what a request arriving meanwhile would wait for the worker anyway
+    inline_max_tokens: int = 512
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_batch_tokens", "max_queue"):
             positive_int(getattr(self, name), f"batcher setting {name}")
+        inline = self.inline_max_tokens
+        if isinstance(inline, bool) or not isinstance(inline, int) or inline < 0:
+            raise InvalidInputError(f"batcher setting inline_max_tokens must be a whole number of at least 0, got {inline!r}")
         wait = self.max_wait_ms
         # inf would make the worker wait forever (and time.sleep(inf) raises); nan never compares true
         if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not math.isfinite(wait) \
@@ -133,6 +147,14 @@ def decide(queue: Sequence[_Entry], settings: BatcherSettings, now: float, closi
     return Decision(take)
 
 
+def runs_inline(texts: int, longest: int, settings: BatcherSettings, idle: bool) -> bool:
+    """Whether a request of `texts` texts (the longest `longest` tokens) whose caller allows it skips the
+    queue and runs in the caller's thread: only on an idle batcher, only a small request, and never when
+    the batcher is set to linger for company (`max_wait_ms` > 0)."""
+    return idle and settings.max_wait_ms == 0 and texts <= settings.max_batch_size \
+        and texts * longest <= settings.inline_max_tokens
+
+
 class DynamicBatcher:
     """Batches concurrent `encode` calls of many threads or asyncio tasks into shared inferences.
 
@@ -152,6 +174,7 @@ class DynamicBatcher:
         self._queued_texts = 0
         self._cond = threading.Condition()
         self._closing = False
+        self._busy = False  # an inference is running (the worker's or an inline one): one at a time
         m = self.metrics
         m.counter("corom_requests_total", "Requests accepted by the batcher")
         m.counter("corom_requests_rejected_total", "Requests refused because the queue was full")
@@ -159,6 +182,7 @@ class DynamicBatcher:
         m.counter("corom_requests_failed_total", "Requests that failed in inference")
         m.counter("corom_texts_total", "Texts embedded")
         m.counter("corom_batches_total", "Inferences run")
+        m.counter("corom_inline_total", "Requests run in the caller's thread on an idle batcher")
         m.counter("corom_worker_errors_total", "Worker rounds that failed on an internal error")
         m.histogram("corom_queue_seconds", "Time a request waited in the queue")
         m.histogram("corom_tokenize_seconds", "Time to tokenize a request")
@@ -180,10 +204,11 @@ class DynamicBatcher:
         return self._worker.is_alive() and not self._closing
 
     def submit(self, texts: Sequence[str], *, prompt: str = "", cut: Truncation | None = None,
-               chunking: Chunking | None = None) -> Ticket:
+               chunking: Chunking | None = None, inline: bool = False) -> Ticket:
         """Queue texts; `ticket.result()` is float32 `[len(texts), dim]`. `prompt` goes before every
         text; `cut` says what to do with over-length ones (default: cut on the right); `chunking` embeds
-        them as windows instead (the queue and its limits count windows).
+        them as windows instead (the queue and its limits count windows). `inline=True`: a small request
+        on an idle batcher runs now, in this thread, and the ticket is done on return (module doc).
 
         The ticket also carries `.timings` (filled in as the request moves) and `.token_count`.
 
@@ -221,16 +246,23 @@ class DynamicBatcher:
                     "retry later or raise max_queue"
                 )
             longest = max(item.length for item in items)
-            self._queue.append(_Entry(items, ticket, time.perf_counter(), longest))
-            self._queued_texts += len(items)
-            self._cond.notify()
+            entry = _Entry(items, ticket, time.perf_counter(), longest)
+            inline = inline and runs_inline(len(items), longest, self.settings, not self._queue and not self._busy)
+            if inline:
+                self._busy = True
+            else:
+                self._queue.append(entry)
+                self._queued_texts += len(items)
+                self._cond.notify()
         self.metrics.inc("corom_requests_total")
         self.metrics.observe("corom_tokenize_seconds", ticket.timings.tokenize_s)
+        if inline:
+            self._run_inline(entry)
         return ticket
 
     def encode(self, texts: Sequence[str], timeout: float | None = None) -> np.ndarray:
-        """Blocking: submit and wait for the embeddings."""
-        return self.submit(texts).result(timeout)
+        """Blocking: submit and wait for the embeddings (on an idle batcher, run them at once)."""
+        return self.submit(texts, inline=True).result(timeout)
 
     async def aencode(self, texts: Sequence[str]) -> np.ndarray:
         """Awaitable: cancelling the awaiting task cancels the queued request."""
@@ -263,6 +295,22 @@ class DynamicBatcher:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _run_inline(self, entry: _Entry) -> None:
+        """Run one entry in the caller's thread (`runs_inline`), then hand the batcher back to the worker."""
+        try:
+            entry.ticket.future.set_running_or_notify_cancel()  # nobody else holds it yet: always True
+            self.metrics.inc("corom_inline_total")
+            self._infer([entry])
+        except Exception:  # noqa: BLE001 - the same supervision as a worker round
+            log.exception("an inline inference failed on an internal error")
+            self.metrics.inc("corom_worker_errors_total")
+            if not entry.ticket.future.done():
+                entry.ticket.future.set_exception(RuntimeError("internal error in the batcher"))
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify()  # the worker takes whatever queued meanwhile
+
     # -- the worker -------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -272,13 +320,15 @@ class DynamicBatcher:
             try:
                 with self._cond:
                     while True:
-                        decision = decide(self._queue, self.settings, time.perf_counter(), self._closing,
-                                          self._queued_texts)
+                        # while an inline request runs, wait for it: one inference at a time
+                        decision = Decision(0, None) if self._busy else \
+                            decide(self._queue, self.settings, time.perf_counter(), self._closing, self._queued_texts)
                         if decision.take:
                             batch = [self._queue.popleft() for _ in range(decision.take)]
                             self._queued_texts -= sum(e.texts for e in batch)
+                            self._busy = True
                             break
-                        if self._closing and not self._queue:
+                        if self._closing and not self._queue and not self._busy:
                             return
                         timeout = None if decision.wait_until is None else max(0.0, decision.wait_until - time.perf_counter())
                         self._cond.wait(timeout)
@@ -298,6 +348,10 @@ class DynamicBatcher:
                     if not entry.ticket.future.done():
                         with contextlib.suppress(InvalidStateError):  # the caller cancelled it meanwhile
                             entry.ticket.future.set_exception(RuntimeError("internal error in the batcher"))
+            finally:
+                if batch:
+                    with self._cond:
+                        self._busy = False
 
     def _infer(self, entries: list[_Entry]) -> None:
         now = time.perf_counter()
