@@ -3,8 +3,11 @@
 `python -m benchmarks.latency` runs every system in a fresh process per round (rounds interleaved:
 A B C, A B C), each on three sets of single texts by length (short ~10 tokens: a search query; medium
 ~30; long ~100), `--calls` calls per set (p99 from at least 2,000), and keeps the median over rounds
-of each percentile. The default corom variant is also measured through a real `corom serve` process,
-with the client in its own process on the same machine. Fidelity per system: min cosine of its short
+of each percentile. The default corom variant is also measured through its `DynamicBatcher` in-process
+(`batcher`), and through a real `corom serve` process with the client in its own process on the same
+machine, by two clients: `served-socket` (keep-alive HTTP/1.1 on a bare socket: what the server adds,
+with as little client cost as possible) and `served-httpx` (what a Python app using httpx sees).
+Fidelity per system: min cosine of its short
 set against PyTorch fp32 (same texts), so "the quickest peer that meets the default's gate" can be
 read off the table. Writes `latency-STAMP.json` and `latest-latency.md`; the CPU is named in both.
 """
@@ -26,6 +29,7 @@ from .run import RESULTS, ROOT
 
 LENGTH_SETS = {"short": (4, 14), "medium": (24, 40), "long": (80, 128)}  # token ranges, ends included
 PER_SET = 200
+SERVED = {"served-socket": "socket", "served-httpx": "httpx"}  # row name -> client
 DEFAULT_SYSTEMS = ("pytorch-fp32", "optimum-O2", "optimum-int8", "ctranslate2-int8", "openvino-bf16",
                    "openvino-nncf-int8", "corom-opt", "corom-int8", "corom-ov-bf16", "corom-ov-int8")
 
@@ -68,13 +72,66 @@ def worker(system: str, artifact: Path, sets: dict[str, list[str]], calls: int, 
     return out
 
 
-def client(url: str, sets: dict[str, list[str]], calls: int) -> dict:
-    """In its own process: POST /embed with one text per call over one keep-alive connection."""
+def batcher_worker(artifact: Path, sets: dict[str, list[str]], calls: int, threads: int) -> dict:
+    """In a fresh process: the default variant through `DynamicBatcher.encode`, one text per call."""
+    from corom_runtime import DynamicBatcher, Embedder
+
+    with DynamicBatcher(Embedder.load(artifact, device="cpu", threads=threads)) as batcher:
+        return {name: percentiles(_timed_calls(lambda t: batcher.encode([t]), texts, calls)) for name, texts in sets.items()}
+
+
+class SocketClient:
+    """POST /embed over one keep-alive connection with nothing but a socket: the request bytes are
+    built before the clock starts and the answer is read up to its Content-Length, so the time is
+    the server's and the loopback's, not a client library's."""
+
+    def __init__(self, url: str) -> None:
+        import socket
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        self.host = parts.hostname or "127.0.0.1"
+        self.sock = socket.create_connection((self.host, parts.port or 80))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def request(self, text: str) -> bytes:
+        body = json.dumps({"inputs": [text]}).encode()
+        return (f"POST /embed HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+    def send(self, request: bytes) -> bytes:
+        self.sock.sendall(request)
+        data = b""
+        while True:
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise ConnectionError("the server closed the connection")
+            data += chunk
+            head, sep, rest = data.partition(b"\r\n\r\n")
+            if sep:
+                length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                if len(rest) >= length:
+                    if not head.startswith(b"HTTP/1.1 200"):
+                        raise RuntimeError(head.split(b"\r\n", 1)[0].decode())
+                    return rest[:length]
+
+
+def client(url: str, sets: dict[str, list[str]], calls: int, kind: str) -> dict:
+    """In its own process: POST /embed with one text per call over one keep-alive connection, by a bare
+    socket (`SocketClient`) or httpx."""
+    if kind == "socket":
+        c = SocketClient(url)
+        out = {}
+        for name, texts in sets.items():
+            requests = {t: c.request(t) for t in texts}
+            out[name] = percentiles(_timed_calls(lambda t: c.send(requests[t]), texts, calls))
+        return out
     import httpx
 
-    with httpx.Client(base_url=url, timeout=30) as c:
+    with httpx.Client(base_url=url, timeout=30) as h:
         def call(text: str) -> None:
-            r = c.post("/embed", json={"inputs": [text]})
+            r = h.post("/embed", json={"inputs": [text]})
             r.raise_for_status()
         return {name: percentiles(_timed_calls(call, texts, calls)) for name, texts in sets.items()}
 
@@ -109,7 +166,8 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(sets, handle)
     common = ["--sets", handle.name, "--calls", str(args.calls), "--artifact", str(artifact), "--threads", str(args.threads)]
-    raw: dict[str, list[dict]] = {s: [] for s in [*systems, "served"]}
+    extra = ["batcher", *SERVED] if args.served else ["batcher"]
+    raw: dict[str, list[dict]] = {s: [] for s in [*systems, *extra]}
     vectors: dict[str, np.ndarray] = {}
     for r in range(args.rounds):
         for system in systems:
@@ -118,12 +176,15 @@ def run(args: argparse.Namespace) -> dict:
             if "vectors" in got:
                 vectors.setdefault(system, np.asarray(got.pop("vectors"), dtype=np.float32))
             raw[system].append(got)
+        print(f"[latency] round {r + 1}/{args.rounds}: {default_system} through DynamicBatcher", file=sys.stderr, flush=True)
+        raw["batcher"].append(_subprocess(["--batcher", *common]))
         if args.served:
             print(f"[latency] round {r + 1}/{args.rounds}: {default_system} through corom serve", file=sys.stderr, flush=True)
             proc, url = start_server(["--model", str(artifact), "--variant", default.variant,
-                                      "--threads", str(args.threads)], args.port)
+                                      "--threads", str(args.threads)], args.port, settled=True)
             try:
-                raw["served"].append(_subprocess(["--client", url, *common]))
+                for name in list(SERVED) if r % 2 == 0 else list(SERVED)[::-1]:
+                    raw[name].append(_subprocess(["--client", url, "--client-kind", SERVED[name], *common]))
             finally:
                 proc.terminate()
                 proc.wait(60)
@@ -133,7 +194,7 @@ def run(args: argparse.Namespace) -> dict:
                         k: {"texts": len(v), "tokens": list(LENGTH_SETS[k])} for k, v in sets.items()}},
                     "systems": {}}
     reference = vectors.get("pytorch-fp32")
-    for system in [*systems, *(["served"] if args.served else [])]:
+    for system in [*systems, *extra]:
         entry = _median(raw[system])
         if reference is not None and system in vectors:
             v = vectors[system]
@@ -148,7 +209,9 @@ def report(result: dict) -> str:
     default = result["default_system"]
     lines = [f"Single-query latency, ms (one text per call; {result['config']['calls']} calls per set, median of "
              f"{result['config']['rounds']} interleaved rounds, fresh processes). CPU: {hw['cpu']}, {hw['threads']} "
-             f"threads. `served` = {default} through `corom serve` on loopback, client in its own process.",
+             f"threads. `batcher` = {default} through `DynamicBatcher.encode` in-process; `served-*` = {default} "
+             "through `corom serve` on loopback, the client in its own process: a bare keep-alive socket "
+             "(`served-socket`: the server's own cost) or httpx (`served-httpx`: a Python app's).",
              "", "| system | min cos vs PyTorch | " + " | ".join(f"{s} p50 / p95 / p99" for s in LENGTH_SETS) + " |",
              "| --- | ---: | " + " | ".join("---:" for _ in LENGTH_SETS) + " |"]
     for name, entry in result["systems"].items():
@@ -159,11 +222,14 @@ def report(result: dict) -> str:
         cells = [f"{entry[s]['p50_ms']:.2f} / {entry[s]['p95_ms']:.2f} / {entry[s]['p99_ms']:.2f}" for s in LENGTH_SETS]
         lines.append(f"| {name} | {'-' if cos is None else f'{cos:.6f}'} | " + " | ".join(cells) + " |")
     systems = result["systems"]
-    if "served" in systems and "error" not in systems["served"] and "error" not in systems.get(default, {"error": 1}):
-        deltas = ", ".join(f"{s} {systems['served'][s]['p50_ms'] - systems[default][s]['p50_ms']:+.2f}" for s in LENGTH_SETS)
-        lines += ["", f"Through the server, p50 minus in-process p50 ({default}): {deltas} ms."]
+    lines.append("")
+    for name in ("batcher", *SERVED):
+        if name in systems and "error" not in systems[name] and "error" not in systems.get(default, {"error": 1}):
+            deltas = ", ".join(f"{s} {systems[name][s]['p50_ms'] - systems[default][s]['p50_ms']:+.2f}" for s in LENGTH_SETS)
+            lines.append(f"`{name}` p50 minus in-process p50 ({default}): {deltas} ms.")
     gate = result.get("gate_min_cosine")
-    peers = {n: e for n, e in systems.items() if not n.startswith("corom-") and n != "served" and "error" not in e}
+    peers = {n: e for n, e in systems.items()
+             if not n.startswith("corom-") and n not in ("batcher", *SERVED) and "error" not in e}
     if gate and default in systems and "error" not in systems[default]:
         meeting = {n: e for n, e in peers.items() if e.get("min_cosine_short", 0) >= gate}
         for label, group in (("meeting the default's gate (min cos >= %g)" % gate, meeting), ("of any fidelity", peers)):
@@ -188,17 +254,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=18941, help="loopback port of the served run (default 18941)")
     p.add_argument("--out", default=str(RESULTS), help="results folder (default benchmarks/results)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--batcher", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--client", help=argparse.SUPPRESS)
+    p.add_argument("--client-kind", choices=sorted(set(SERVED.values())), default="socket", help=argparse.SUPPRESS)
     p.add_argument("--sets", help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.worker or args.client:
+    if args.worker or args.client or args.batcher:
         sets = json.loads(Path(args.sets).read_text())
-        out = (worker(args.worker, Path(args.artifact), sets, args.calls, args.threads) if args.worker
-               else client(args.client, sets, args.calls))
+        if args.worker:
+            out = worker(args.worker, Path(args.artifact), sets, args.calls, args.threads)
+        elif args.batcher:
+            out = batcher_worker(Path(args.artifact), sets, args.calls, args.threads)
+        else:
+            out = client(args.client, sets, args.calls, args.client_kind)
         print(json.dumps(out))
         return 0
     from .served import write_result

@@ -14,17 +14,21 @@ import httpx
 from .run import ROOT
 
 
-def start_server(serve_args: list[str], port: int) -> tuple[subprocess.Popen, str]:
-    """`corom serve ARGS --port PORT` in its own process; returns it and its URL once /health answers."""
+def start_server(serve_args: list[str], port: int, settled: bool = False) -> tuple[subprocess.Popen, str]:
+    """`corom serve ARGS --port PORT` in its own process; returns it and its URL once /health answers
+    (`settled`: and its shape buckets are compiled, so what is measured next is the steady state)."""
     proc = subprocess.Popen([sys.executable, "-m", "corom_runtime.cli", "serve", *serve_args, "--port", str(port)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    deadline = time.time() + 600  # a cold model cache and 80 bucket compiles on a slow CPU
+    while time.time() < deadline and proc.poll() is None:
         try:
-            if httpx.get(url + "/health").status_code == 200:
+            health = httpx.get(url + "/health")
+            if health.status_code == 200 and not (settled and health.json().get("warming")):
                 break
         except httpx.HTTPError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.1)
     return proc, url
 
 

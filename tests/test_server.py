@@ -171,6 +171,7 @@ def test_health_and_metrics(server, embedder):
     httpx.post(server.url("/embed"), json={"inputs": ["count me"]})
     health = httpx.get(server.url("/health")).json()
     assert health["status"] == "ok" and health["variant"] == embedder.variant
+    assert health["warming"] is False  # no background bucket warm-up in this app (corom serve starts one)
     text = httpx.get(server.url("/metrics")).text
     for name in ("corom_requests_total", "corom_batch_texts_bucket", "corom_queue_seconds_sum",
                  "corom_tokenize_seconds_count", "corom_inference_seconds_bucket", "corom_queue_texts"):

@@ -245,7 +245,7 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings(),
                warm_buckets: bool = False) -> RequestGuard:
     """The ASGI app. The batcher starts with the app and drains on shutdown (SIGTERM under uvicorn).
     `warm_buckets` (what `corom serve` does): once ready, compile every shape bucket in the background."""
-    state: dict[str, Any] = {"ready": False, "batcher": None, "rate": None, "inflight": 0}
+    state: dict[str, Any] = {"ready": False, "batcher": None, "rate": None, "inflight": 0, "warmer": None}
 
     def batcher() -> DynamicBatcher:
         if state["batcher"] is None or not state["ready"]:
@@ -376,6 +376,8 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings(),
         return JSONResponse({"status": status, "model": embedder.info.model, "variant": embedder.variant,
                              "engine": embedder.info.engine, "device": embedder.info.device,
                              "queued": b.queued if b else 0, "worker_alive": bool(b and b.healthy),
+                             # shape buckets still compiling in the background: latency not yet steady
+                             "warming": bool(state["warmer"] is not None and state["warmer"].is_alive()),
                              # where this variant's gate was verified: the manifest's record for this CPU,
                              # a cached verdict or a check run at start (`cpu_check`)
                              "verified": {k: embedder.info.verified.get(k) for k in ("passed", "source", "platform")}},
@@ -401,6 +403,7 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings(),
                                   name="corom-warm", daemon=True)
         if warm is not None:  # an engine that compiles per shape: every bucket now, in the background
             warmer.start()
+            state["warmer"] = warmer
         try:
             yield
         except asyncio.CancelledError:  # a forced exit (second signal): no drain, answer nobody
