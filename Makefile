@@ -30,7 +30,7 @@ demo: setup
 	  "It can take anywhere from two semesters"
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder   # two workers, files in conftest's order
 
 bench: setup
 	$(PY) -m benchmarks

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
+from filelock import FileLock
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -18,6 +21,21 @@ EXAMPLE_CANDIDATES = [
 ]
 
 
+def shared(tmp_path_factory, key: str, build: Callable[[Path], object], leaf: str) -> Path:
+    """`KEY/LEAF`, a session fixture's folder built once per test run however many pytest-xdist workers
+    ask for it: the first builds it (`build(KEY/LEAF)`) under a file lock, the others wait and reuse it
+    (read-only: a test that edits one copies it first)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this run
+    out, done = root / key / leaf, root / f"{key}.done"
+    with FileLock(str(root / f"{key}.lock")):
+        if not done.exists():
+            build(out)
+            done.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def bundled_artifact(tmp_path_factory) -> Path:
     """The bundled all-MiniLM-L6-v2 exported to every variant and verified on the full parity corpus
@@ -26,29 +44,27 @@ def bundled_artifact(tmp_path_factory) -> Path:
 
     COROM_TEST_ARTIFACT=models/build/all-minilm-l6-v2 reuses an artifact `make demo` built (a faster
     edit-test loop); CI always exports afresh."""
-    import os
-
     if os.environ.get("COROM_TEST_ARTIFACT"):
         return Path(os.environ["COROM_TEST_ARTIFACT"]).resolve()
     from corom_export.build import ExportOptions, export_artifact
     from corom_export.verify import verify_artifact
 
-    out = tmp_path_factory.mktemp("bundled") / "all-minilm-l6-v2"
-    export_artifact("all-minilm-l6-v2", out, ExportOptions())
-    verify_artifact(out, stsb_pairs=300, speed_texts=96, speed_rounds=2)
-    return out
+    def build(out: Path) -> None:
+        export_artifact("all-minilm-l6-v2", out, ExportOptions())
+        verify_artifact(out, stsb_pairs=300, speed_texts=96, speed_rounds=2)
+    return shared(tmp_path_factory, "bundled", build, "all-minilm-l6-v2")
 
 
 @pytest.fixture(scope="session")
 def corom_checkpoint(tmp_path_factory) -> Path:
-    return write_modelscope_checkpoint(tmp_path_factory.mktemp("ckpt") / "corom-like")
+    return shared(tmp_path_factory, "ckpt", write_modelscope_checkpoint, "corom-like")
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """The CoROM layout at a tiny size (2 layers, width 64): for tests of plumbing, not of fidelity."""
-    return write_modelscope_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-corom", num_hidden_layers=2,
-                                       hidden_size=64, intermediate_size=128, num_attention_heads=2)
+    return shared(tmp_path_factory, "tiny", lambda out: write_modelscope_checkpoint(
+        out, num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=2), "tiny-corom")
 
 
 @pytest.fixture(scope="session")
@@ -56,8 +72,21 @@ def corom_artifact(tmp_path_factory, corom_checkpoint) -> Path:
     from corom_export.build import ExportOptions, export_artifact
     from corom_export.verify import verify_artifact
 
-    out = tmp_path_factory.mktemp("corom") / "corom-like"
-    export_artifact(str(corom_checkpoint), out, ExportOptions())
-    # random weights: STSb means nothing here, and the speed pass only has to exist
-    verify_artifact(out, n_queries=60, n_passages=500, stsb=False, speed_texts=64, speed_rounds=1)
-    return out
+    def build(out: Path) -> None:
+        export_artifact(str(corom_checkpoint), out, ExportOptions())
+        # random weights: STSb means nothing here, and the speed pass only has to exist
+        verify_artifact(out, n_queries=60, n_passages=500, stsb=False, speed_texts=64, speed_rounds=1)
+    return shared(tmp_path_factory, "corom", build, "corom-like")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """One test file that needs the session artifact first, then every file that does not, then the
+    rest: under pytest-xdist (`make test`, `--no-loadscope-reorder`) the worker that builds the artifact
+    (two minutes) is not joined by the other waiting for it; that one runs the files that need none."""
+    by_file: dict[Path, list] = {}
+    for item in items:
+        by_file.setdefault(item.path, []).append(item)
+    needs = {f: any("bundled_artifact" in i.fixturenames for i in its) for f, its in by_file.items()}
+    heavy = [f for f in by_file if needs[f]]
+    order = heavy[:1] + [f for f in by_file if not needs[f]] + heavy[1:]
+    items[:] = [item for f in order for item in by_file[f]]
