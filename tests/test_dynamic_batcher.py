@@ -130,17 +130,22 @@ def test_bad_request_fails_alone_and_batcher_keeps_serving(embedder, alone):
         _check(batcher.encode([POOL[2]]), [2], alone, tolerance(embedder))
 
 
+def poison_inference(embedder, monkeypatch) -> None:
+    """Make any inference whose batch holds the word "poison" raise."""
+    real = embedder.embed_tokenized
+    poison = embedder.tokenizer.encode(["poison"])[0].ids[1]
+
+    def flaky(items, *args):
+        if any(poison in i.ids for i in items):
+            raise RuntimeError("boom")
+        return real(items, *args)
+
+    monkeypatch.setattr(embedder, "embed_tokenized", flaky)
+
+
 def test_inference_error_fails_only_the_bad_request(embedder, monkeypatch):
     with DynamicBatcher(embedder, BatcherSettings(max_wait_ms=50)) as batcher:
-        real = embedder.embed_tokenized
-        poison = embedder.tokenizer.encode(["poison"])[0].ids[1]
-
-        def flaky(items, *args):
-            if any(poison in i.ids for i in items):
-                raise RuntimeError("boom")
-            return real(items, *args)
-
-        monkeypatch.setattr(embedder, "embed_tokenized", flaky)
+        poison_inference(embedder, monkeypatch)
         futures = [batcher.submit(["poison pill here now"]), batcher.submit(["healthy one"]), batcher.submit(["another"])]
         with pytest.raises(RuntimeError, match="inference failed for this request"):
             futures[0].result(10)
@@ -354,15 +359,7 @@ def test_requests_during_an_inline_one_queue_for_the_worker(embedder, alone, mon
 
 
 def test_an_inline_failure_fails_that_request_and_frees_the_batcher(embedder, alone, monkeypatch):
-    real = embedder.embed_tokenized
-    poison = embedder.tokenizer.encode(["poison"])[0].ids[1]
-
-    def flaky(items, *args):
-        if any(poison in i.ids for i in items):
-            raise RuntimeError("boom")
-        return real(items, *args)
-
-    monkeypatch.setattr(embedder, "embed_tokenized", flaky)
+    poison_inference(embedder, monkeypatch)
     with DynamicBatcher(embedder) as batcher:
         with pytest.raises(RuntimeError, match="inference failed for this request"):
             batcher.encode(["poison pill"], timeout=10)

@@ -54,6 +54,7 @@ def guarded_protocol(timeout_s: float, max_head_bytes: int = 16 * 1024) -> type[
         _head_timer = None
         _head = b""
         _reading_head = True
+        _discarding = False  # answered 400: what the client still sends is read and dropped
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -75,6 +76,8 @@ def guarded_protocol(timeout_s: float, max_head_bytes: int = 16 * 1024) -> type[
                 self.transport.close()
 
         def data_received(self, data: bytes) -> None:
+            if self._discarding:
+                return
             if self._reading_head:
                 # llhttp bounds no head size: count it ourselves, across the pieces it arrives in
                 self._head += data[: max_head_bytes + 4 - len(self._head)]
@@ -94,9 +97,20 @@ def guarded_protocol(timeout_s: float, max_head_bytes: int = 16 * 1024) -> type[
             headers, body = _json_error(400, f"malformed HTTP request ({msg.rstrip('.')}): "
                                              "is a header, the URL or the head as a whole too large?")
             head = b"HTTP/1.1 400 Bad Request\r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in headers) + b"\r\n"
-            if not self.transport.is_closing():
-                self.transport.write(head + body)
-            self.transport.close()
+            if self.transport.is_closing():
+                return
+            self.transport.write(head + body)
+            if not self.transport.can_write_eof():
+                self.transport.close()
+                return
+            # closing now, with the rest of a large head unread, makes the kernel answer with a reset
+            # that can overtake the 400: send it and FIN, drop what still comes, close when the client
+            # does (or after the head timeout)
+            self.transport.write_eof()
+            self._discarding = True
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(timeout_s, self.transport.close)
 
         def connection_lost(self, exc) -> None:
             if self._head_timer is not None:
