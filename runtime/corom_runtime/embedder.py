@@ -361,6 +361,36 @@ class Embedder:
     def dim(self) -> int:
         return self.artifact.dim
 
+    # -- sentence-transformers' names, so code written for it runs on an Embedder ---------------
+
+    def get_sentence_embedding_dimension(self) -> int:
+        """The vector width (sentence-transformers' name for `dim`)."""
+        return self.dim
+
+    get_embedding_dimension = get_sentence_embedding_dimension  # sentence-transformers 5.7's name
+
+    @property
+    def max_seq_length(self) -> int:
+        """Tokens the model sees per text, special tokens and prompt included; longer texts are cut
+        (or chunked: `encode(chunking=...)`). Fixed at export: the graph and its gates are built for it."""
+        return self.artifact.max_length
+
+    def encode_query(self, texts: str | Sequence[str], **kwargs: Any) -> Any:
+        """`encode` with the model's "query" prompt, as sentence-transformers 5 does (plain `encode` for a
+        model without one; an explicit `prompt_name` or `prompt` wins)."""
+        return self.encode(texts, **self._default_prompt(("query",), kwargs))
+
+    def encode_document(self, texts: str | Sequence[str], **kwargs: Any) -> Any:
+        """`encode` with the model's document prompt: the first of "document", "passage", "corpus" it
+        has, as sentence-transformers 5 does (plain `encode` without one)."""
+        return self.encode(texts, **self._default_prompt(("document", "passage", "corpus"), kwargs))
+
+    def _default_prompt(self, names: tuple[str, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        if kwargs.get("prompt_name") is not None or kwargs.get("prompt") is not None:
+            return kwargs
+        name = next((n for n in names if n in self.artifact.prompts), None)
+        return {**kwargs, "prompt_name": name} if name else kwargs
+
     # -- encoding ---------------------------------------------------------------------------
 
     def embed_tokenized(self, items: Sequence[TokenizedText], batch_size: int = 32,
@@ -379,6 +409,8 @@ class Embedder:
         normalize_embeddings: bool | None = None,
         show_progress_bar: bool = False,
         return_report: bool = False,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
         **options: Any,
     ) -> Any:
         """Embed texts; `[len(texts), dim]` in the caller's order (1-D for a single str).
@@ -391,7 +423,9 @@ class Embedder:
         bge: "query"; see `embedder.prompts`); `prompt` puts any text. The prompt's tokens count
         towards max_length, as in sentence-transformers.
         With `return_report=True` returns `(embeddings, [ItemReport, ...])`. For inputs that do not
-        fit in memory use `encode_iter`.
+        fit in memory use `encode_iter`. `convert_to_numpy=False` gives a list of 1-D arrays (as
+        sentence-transformers gives a list of tensors); `convert_to_tensor=True` is refused: the runtime
+        has no torch (`torch.from_numpy` on the result costs no copy).
 
         Shaped for the index (sentence-transformers' meanings; `corom_runtime.shaping`):
         `truncate_dim=N` keeps the first N numbers, re-normalized where the vectors are normalized;
@@ -408,6 +442,10 @@ class Embedder:
         >>> emb.encode(["a text"], truncate_dim=128, precision="ubinary").shape       # doctest: +SKIP
         (1, 16)
         """
+        if convert_to_tensor:
+            raise InvalidInputError("Embedder.encode cannot return a torch tensor (convert_to_tensor=True): the runtime "
+                                    "has no torch, by design. It returns numpy arrays; wrap one without a copy with "
+                                    "torch.from_numpy(emb.encode(texts))")
         single = isinstance(texts, str)
         checked = check_texts([texts] if single else texts)
         truncate_dim, precision = check_shape_options(self.dim, options.get("truncate_dim"),
@@ -424,6 +462,8 @@ class Embedder:
             bar.update(len(window))
         bar.close()
         result = out[0] if single else out
+        if not convert_to_numpy and not single:
+            result = list(result)
         return (result, reports) if return_report else result
 
     def encode_iter(
