@@ -128,3 +128,42 @@ def write_roberta_checkpoint(folder: Path, seed: int = 0) -> Path:
     cfg["architectures"] = ["RobertaForMaskedLM"]
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     return folder
+
+
+def write_st_folder(folder: Path, family: str = "bert", pooling: str = "mean", dense: int | None = None,
+                    activation: str | None = "tanh", normalize: bool = False, max_seq_length: int = 48,
+                    seed: int = 0) -> Path:
+    """A sentence-transformers folder written by sentence-transformers itself (`model.save`): a tiny
+    checkpoint of `family` ("bert": WordPiece, "xlm-roberta": Unigram/Metaspace, "roberta": byte-level
+    BPE) + Pooling(`pooling`) + optional Dense(`dense` wide, `activation`) + optional Normalize."""
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import PreTrainedTokenizerFast
+
+    base = folder.with_name(folder.name + ".base")
+    if family == "bert":
+        write_modelscope_checkpoint(base, seed=seed, num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                    num_attention_heads=2, max_position_embeddings=130)
+        (base / "configuration.json").unlink()  # a plain Hugging Face BERT folder
+        raw = torch.load(base / "pytorch_model.bin", weights_only=True)
+        torch.save({k.removeprefix("bert."): v for k, v in raw.items()}, base / "pytorch_model.bin")
+        (base / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True,
+                                                                "tokenizer_class": "BertTokenizer"}))
+    else:
+        writer = write_xlmr_checkpoint if family == "xlm-roberta" else write_roberta_checkpoint
+        writer(base, seed=seed)
+        special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+                   "cls_token": "<s>", "sep_token": "</s>"}
+        if family == "roberta":
+            special["mask_token"] = "<mask>"
+        PreTrainedTokenizerFast(tokenizer_file=str(base / "tokenizer.json"), **special).save_pretrained(base)
+    torch.manual_seed(seed + 1)
+    transformer = models.Transformer(str(base), max_seq_length=max_seq_length)
+    modules = [transformer, models.Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling)]
+    if dense:
+        act = {"tanh": torch.nn.Tanh(), "relu": torch.nn.ReLU(), "gelu": torch.nn.GELU(), None: None}[activation]
+        modules.append(models.Dense(modules[-1].get_embedding_dimension(), dense, activation_function=act))
+    if normalize:
+        modules.append(models.Normalize())
+    SentenceTransformer(modules=modules, device="cpu").save(str(folder))
+    shutil.rmtree(base)
+    return folder

@@ -61,7 +61,9 @@ def settings_for(model: str, options: ExportOptions) -> tuple[Preset, str | None
             name = None
             pooling, normalize = checkpoint.pooling_hint() or ("cls", False)
             preset = Preset(name=checkpoint.folder.name, source=model, pooling=pooling, normalize=normalize,
-                            score="cosine" if normalize else "dot", max_length=128,
+                            score="cosine" if normalize else "dot",
+                            # the folder's own max_seq_length (sentence_bert_config.json), as sentence-transformers cuts
+                            max_length=checkpoint.max_seq_length() or 128,
                             max_length_limit=int(checkpoint.config.get("max_position_embeddings", 512)))
     else:
         raise PresetError(f"unknown preset {model!r}; known presets: {', '.join(list_presets())}. "
@@ -111,8 +113,10 @@ def export_artifact(model: str, out: Path, options: ExportOptions = ExportOption
             score=preset.score, max_length=preset.max_length, lowercase=checkpoint.do_lower_case,
             tokenizer=tokenizer, tokenizer_sha256=sha256_file(work / "tokenizer.json"), prompts=preset.prompts,
             extra={"int8_recipe": options.int8_recipe, "int8_static": options.int8_static,
-                   "checkpoint_layout": checkpoint.layout},
+                   "checkpoint_layout": checkpoint.layout,
+                   "head": checkpoint.head().to_dict() if checkpoint.head() else None},
         )
+        manifest.embedding_dim = encoder.dim  # a folder's Dense layers set the width, not the encoder's
 
         t = _step(2, total, f"exporting the plain fp32 graph ({family.name}; pooling inside, dynamic axes)")
         trace_ids = tokenizer.encode("a short text to trace the export with").ids

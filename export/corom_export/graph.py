@@ -53,7 +53,7 @@ def export_plain(encoder: SentenceEncoder, path: Path, ids: torch.Tensor, mask: 
     model = onnx.load(str(path))
     width = model.graph.output[0].type.tensor_type.shape.dim[1]
     width.Clear()
-    width.dim_value = encoder.bert.config.hidden_size
+    width.dim_value = encoder.dim  # the Dense layers' width where a folder has them
     onnx.save(model, str(path))
     onnx.checker.check_model(str(path), full_check=True)
 

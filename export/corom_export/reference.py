@@ -7,44 +7,94 @@ For the CoROM preset (CLS pooling, no normalisation) this computes exactly what 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .sources import Checkpoint, SourceError
+from corom_runtime.catalog import POOLINGS
+
+from .sources import Checkpoint, DenseLayer, SourceError
 
 log = logging.getLogger(__name__)
 
 
+ACTIVATIONS = {"identity": nn.Identity, "tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Token states -> one vector per row, as sentence-transformers' `Pooling` computes each mode
+    (right padding, which is what the runtime feeds)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "max":
+        return hidden.masked_fill(mask == 0, float("-inf")).max(dim=1).values
+    if pooling == "lasttoken":
+        last = (attention_mask.sum(1) - 1).clamp(min=0)
+        index = last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
+        return torch.gather(hidden * mask, 1, index).squeeze(1)
+    if pooling == "weightedmean":
+        positions = torch.arange(1, hidden.shape[1] + 1, dtype=hidden.dtype).view(1, -1, 1)
+        weights = mask * positions
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+    # clamp: an all-padding row (never produced by the tokenizer) must not divide by zero
+    total, count = (hidden * mask).sum(1), mask.sum(1).clamp(min=1e-9)
+    if pooling == "mean":
+        return total / count
+    if pooling == "mean_sqrt_len_tokens":
+        return total / torch.sqrt(count)
+    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+
+
 class SentenceEncoder(nn.Module):
-    """Encoder + pooling (+ L2 normalisation): `(input_ids, attention_mask) -> [batch, dim]`.
+    """Encoder + pooling (+ Dense layers) (+ L2 normalisation): `(input_ids, attention_mask) -> [batch, dim]`.
 
-    `self.bert` is the family's base model (BertModel, XLMRobertaModel, ...), named for history."""
+    `self.bert` is the family's base model (BertModel, XLMRobertaModel, ...), named for history; `dense`
+    are a sentence-transformers folder's Dense modules (its `modules.json`), applied after pooling."""
 
-    def __init__(self, bert: nn.Module, pooling: str, normalize: bool) -> None:
+    def __init__(self, bert: nn.Module, pooling: str, normalize: bool, dense: nn.Module | None = None) -> None:
         super().__init__()
-        if pooling not in ("cls", "mean"):
-            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.bert = bert
         self.pooling = pooling
         self.normalize = normalize
+        self.dense = dense if dense is not None else nn.Identity()
+        self.dim = int(dense[-1][0].out_features) if dense is not None and len(dense) else int(bert.config.hidden_size)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            # clamp: an all-padding row (never produced by the tokenizer) must not divide by zero
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        pooled = self.dense(pool(hidden, attention_mask, self.pooling))
         if self.normalize:
             pooled = nn.functional.normalize(pooled, p=2, dim=-1)
         return pooled
 
 
+def load_dense(layers: tuple[DenseLayer, ...]) -> nn.Sequential | None:
+    """sentence-transformers' Dense modules as torch layers (`linear.weight`/`linear.bias` in each folder)."""
+    if not layers:
+        return None
+    built = []
+    for layer in layers:
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias)
+        state = _read_weights(layer.weights())
+        state = {k.removeprefix("linear."): v for k, v in state.items()}
+        try:
+            linear.load_state_dict(state)
+        except RuntimeError as exc:
+            raise SourceError(f"{layer.weights()}: the Dense weights do not match its config.json "
+                              f"({layer.in_features} -> {layer.out_features}): {exc}") from exc
+        built.append(nn.Sequential(linear, ACTIVATIONS[layer.activation]()))
+    return nn.Sequential(*built).eval()
+
+
 def load_state_dict(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     """Read the weights without unpickling arbitrary objects."""
-    path = checkpoint.weights
+    return _read_weights(checkpoint.weights)
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -93,4 +143,8 @@ def load_encoder(checkpoint: Checkpoint) -> nn.Module:
 
 
 def build_reference(checkpoint: Checkpoint, pooling: str, normalize: bool) -> SentenceEncoder:
-    return SentenceEncoder(load_encoder(checkpoint), pooling, normalize).eval()
+    """The encoder with `pooling` and `normalize` (the preset's or the folder's), and the folder's own
+    Dense layers whatever the preset says: a sentence-transformers model without them is another model."""
+    head = checkpoint.head()
+    dense = load_dense(head.dense) if head else None
+    return SentenceEncoder(load_encoder(checkpoint), pooling, normalize, dense).eval()

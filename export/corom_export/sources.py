@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from corom_runtime.catalog import POOLINGS  # the modes `reference.pool` builds into the graph
 from corom_runtime.errors import CoromError
 
 from .families import Family, family_for
@@ -52,14 +53,147 @@ class Checkpoint:
         """(pooling, normalize) that the folder itself declares, if it does (sentence-transformers)."""
         if self.layout == "modelscope":
             return "cls", False
-        pool_cfg = self.folder / "1_Pooling" / "config.json"
-        if not pool_cfg.is_file():
+        head = self.head()
+        return (head.pooling, head.normalize) if head else None
+
+    def head(self) -> "Head | None":
+        """What a sentence-transformers folder puts after the encoder (`modules.json`), read as
+        sentence-transformers reads it; None for a folder without one. What the exporter cannot build
+        is refused here, by module and mode, never replaced by something else."""
+        if self.layout != "sentence-transformers":
             return None
-        pool = json.loads(pool_cfg.read_text())
-        pooling = "cls" if pool.get("pooling_mode_cls_token") else "mean"
-        modules = self.folder / "modules.json"
-        normalize = modules.is_file() and "Normalize" in modules.read_text()
-        return pooling, normalize
+        return read_head(self.folder)
+
+    def max_seq_length(self) -> int | None:
+        """Where a sentence-transformers folder cuts its inputs, as it decides: `sentence_bert_config.json`'s
+        max_seq_length, else the tokenizer's model_max_length (sentence-transformers 5 saves it there),
+        where either is a real length (tokenizers store 1e30 for "none")."""
+        if self.layout != "sentence-transformers":
+            return None
+        limit = int(self.config.get("max_position_embeddings", 512))
+        for name, key in (("sentence_bert_config.json", "max_seq_length"), ("tokenizer_config.json", "model_max_length")):
+            path = self.folder / name
+            value = _json(path).get(key) if path.is_file() else None
+            if isinstance(value, int) and 0 < value <= limit:
+                return value
+        return None
+
+
+# sentence-transformers' pooling modes, by their saved names (the new `pooling_mode` and the legacy keys)
+POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+                "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+# Dense activations by the name sentence-transformers saves (`fullname(module)`), and torch's own
+DENSE_ACTIVATIONS = {
+    "torch.nn.modules.linear.Identity": "identity", "torch.nn.modules.activation.Tanh": "tanh",
+    "torch.nn.modules.activation.ReLU": "relu", "torch.nn.modules.activation.GELU": "gelu",
+    "torch.nn.modules.activation.Sigmoid": "sigmoid",
+}
+_MODULE_KINDS = {"Transformer": "transformer", "Pooling": "pooling", "Dense": "dense", "Normalize": "normalize"}
+
+
+@dataclass(frozen=True)
+class DenseLayer:
+    """One sentence-transformers `Dense` module: `activation(x @ W.T + b)`, weights in its folder."""
+
+    folder: Path
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: str  # a value of DENSE_ACTIVATIONS
+
+    def weights(self) -> Path:
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (self.folder / name).is_file():
+                return self.folder / name
+        raise SourceError(f"{self.folder} (a Dense module) has no model.safetensors or pytorch_model.bin")
+
+    def to_dict(self) -> dict:
+        return {"path": self.folder.name, "in": self.in_features, "out": self.out_features, "bias": self.bias,
+                "activation": self.activation}
+
+
+@dataclass(frozen=True)
+class Head:
+    """Pooling, Dense layers and Normalize of a sentence-transformers folder, in its order."""
+
+    pooling: str
+    dense: tuple[DenseLayer, ...] = ()
+    normalize: bool = False
+
+    def to_dict(self) -> dict:
+        return {"pooling": self.pooling, "dense": [d.to_dict() for d in self.dense], "normalize": self.normalize}
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{path} cannot be read as JSON: {exc}") from exc
+
+
+def read_pooling(config_path: Path) -> str:
+    """The one pooling mode of a `Pooling` module's config.json; several (concatenated) or an
+    unknown one is refused by name."""
+    config = _json(config_path)
+    if "pooling_mode" in config:
+        mode = config["pooling_mode"]
+        modes = [mode] if isinstance(mode, str) else list(mode)
+    else:
+        modes = [m for key, m in POOLING_KEYS.items() if config.get(key)]
+    if len(modes) != 1:
+        raise SourceError(f"{config_path} asks for {len(modes)} pooling modes ({', '.join(modes) or 'none'}); "
+                          "corom-onnx exports exactly one (sentence-transformers concatenates several)")
+    if modes[0] not in POOLINGS:
+        raise SourceError(f"{config_path}: pooling mode {modes[0]!r} cannot be exported; supported: "
+                          f"{', '.join(POOLINGS)}")
+    if config.get("include_prompt") is False:
+        raise SourceError(f"{config_path}: include_prompt false (prompt tokens left out of the pooling) cannot be "
+                          "exported: the graph pools every token it is given")
+    return modes[0]
+
+
+def read_dense(folder: Path) -> DenseLayer:
+    config = _json(folder / "config.json")
+    name = config.get("activation_function", "torch.nn.modules.activation.Tanh")
+    if name not in DENSE_ACTIVATIONS:
+        raise SourceError(f"{folder}: Dense activation {name!r} cannot be exported; supported: "
+                          f"{', '.join(DENSE_ACTIVATIONS)}")
+    for key in ("module_input_name", "module_output_name"):
+        if config.get(key, "sentence_embedding") != "sentence_embedding":
+            raise SourceError(f"{folder}: a Dense module on {key} {config[key]!r} (not the sentence embedding) "
+                              "cannot be exported")
+    return DenseLayer(folder=folder, in_features=int(config["in_features"]), out_features=int(config["out_features"]),
+                      bias=bool(config.get("bias", True)), activation=DENSE_ACTIVATIONS[name])
+
+
+def read_head(folder: Path) -> Head | None:
+    """Read `modules.json` as sentence-transformers does: Transformer (the folder itself), one Pooling,
+    any Dense layers, an optional Normalize, in that order. Anything else is refused by name."""
+    modules_path = folder / "modules.json"
+    modules = _json(modules_path)
+    kinds = []
+    for module in modules:
+        kind = _MODULE_KINDS.get(str(module.get("type", "")).rsplit(".", 1)[-1])
+        if kind is None:
+            raise SourceError(f"{modules_path}: module {module.get('type')!r} ({module.get('path') or 'root'}) cannot "
+                              f"be exported; corom-onnx builds {', '.join(_MODULE_KINDS)} into the graph")
+        kinds.append((kind, folder / module.get("path", "")))
+    order = [k for k, _ in kinds]
+    if order[:1] != ["transformer"] or kinds[0][1] != folder:
+        raise SourceError(f"{modules_path}: the first module must be the Transformer in the folder itself (path \"\"); "
+                          f"got {order[:1]} at {kinds[0][1] if kinds else '-'}")
+    if "pooling" not in order:
+        raise SourceError(f"{modules_path} has no Pooling module: token states are not a sentence embedding")
+    tail = order[order.index("pooling") + 1:]
+    expected = ["dense"] * tail.count("dense") + ["normalize"] * tail.count("normalize")
+    if order.count("pooling") != 1 or order.count("transformer") != 1 or tail != expected or tail.count("normalize") > 1 \
+            or order.index("pooling") != 1:
+        raise SourceError(f"{modules_path}: modules {order} cannot be exported; the supported order is "
+                          "Transformer, Pooling, Dense (any number), Normalize (optional)")
+    pooling = read_pooling(kinds[1][1] / "config.json")
+    dense = tuple(read_dense(path) for kind, path in kinds if kind == "dense")
+    return Head(pooling=pooling, dense=dense, normalize="normalize" in order)
 
 
 SOURCE_PREFIXES = ("bundled:", "modelscope:", "hf:")

@@ -106,7 +106,7 @@ VARIANTS: dict[str, VariantSpec] = {v.name: v for v in (
 
 # How token states become one vector, and how two vectors are scored: presets and manifests
 # accept these only.
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "max", "lasttoken", "weightedmean", "mean_sqrt_len_tokens")  # sentence-transformers' modes
 
 
 SCORES = ("dot", "cosine")
