@@ -58,3 +58,171 @@ def test_variant_identity_follows_content_and_settings_not_place(copied_artifact
 
     os.utime(extra, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert variant_identity(load_artifact(copied_artifact), "int8") != first
+
+
+# -- export and verify: build and verify beside, then swap --------------------------------------
+
+TINY_SIZES = dict(n_queries=20, n_passages=100)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory, tiny_checkpoint) -> Path:
+    """The tiny checkpoint exported (ONNX Runtime variants) and verified on a small parity set."""
+    from conftest import shared
+    from corom_export.build import ExportOptions, export_artifact
+    from corom_export.verify import verify_artifact
+
+    def build(out: Path) -> None:
+        export_artifact(str(tiny_checkpoint), out, ExportOptions(openvino=False, max_length=64))
+        verify_artifact(out, **TINY_SIZES, stsb=False, speed_texts=32, speed_rounds=1)
+    return shared(tmp_path_factory, "tiny-artifact", build, "tiny")
+
+
+@pytest.fixture()
+def tiny_copy(tmp_path, tiny_artifact) -> Path:
+    out = tmp_path / "tiny"
+    shutil.copytree(tiny_artifact, out)
+    return out
+
+
+def manifest_bytes(folder: Path) -> bytes:
+    return (folder / "manifest.json").read_bytes()
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}."))
+
+
+def test_an_exported_artifact_has_the_umasks_mode(tiny_artifact):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert tiny_artifact.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_cli_export_force_keeps_the_old_artifact_serving_while_the_new_one_is_verified(
+        tiny_copy, tiny_checkpoint, monkeypatch):
+    from corom_export import hooks
+    from corom_runtime import Embedder
+    from corom_runtime.cli import main as corom
+
+    old = manifest_bytes(tiny_copy)
+    seen: list[Path] = []
+
+    def verify_then_sigterm(work, **kwargs):  # the new artifact is being verified...
+        seen.append(Path(work))
+        assert Path(work) != tiny_copy and manifest_bytes(tiny_copy) == old
+        emb = Embedder.load(tiny_copy, variant="opt", device="cpu", warmup=False)   # ...the old one serves
+        assert emb.encode(["still serving"]).shape == (1, 64)
+        raise SystemExit(143)  # what SIGTERM raises during `corom export` (hooks._terminate_cleanly)
+
+    monkeypatch.setattr(hooks, "verify_artifact", verify_then_sigterm)
+    with pytest.raises(SystemExit):
+        corom(["export", str(tiny_checkpoint), "--out", str(tiny_copy), "--force", "--no-openvino",
+               "--max-length", "64", "--queries", "5", "--passages", "40"])
+    assert seen and manifest_bytes(tiny_copy) == old and leftovers(tiny_copy) == []
+    assert Embedder.load(tiny_copy, variant="opt", device="cpu", warmup=False).variant == "opt"
+
+
+def test_sigterm_while_exporting_raises_system_exit_so_the_work_folder_is_removed():
+    import signal
+
+    from corom_export.hooks import _terminate_cleanly
+
+    with pytest.raises(SystemExit) as stopped, _terminate_cleanly():
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):  # the handler runs between bytecodes
+            pass
+    assert stopped.value.code == 128 + signal.SIGTERM
+
+
+def new_beside(out: Path, source: Path) -> Path:
+    from corom_export.build import new_work_folder
+
+    work = new_work_folder(out)
+    shutil.copytree(source, work, dirs_exist_ok=True)
+    return work
+
+
+def test_install_keeps_the_old_artifact_when_the_new_one_fails_or_is_interrupted(tiny_copy, tiny_artifact):
+    from corom_export.build import install
+
+    old = manifest_bytes(tiny_copy)
+    work = new_beside(tiny_copy, tiny_artifact)
+    assert install(work, tiny_copy, force=True, verify=lambda w: False) is None   # no variant passed
+    assert manifest_bytes(tiny_copy) == old and not work.exists()
+
+    def interrupted(w):
+        raise KeyboardInterrupt
+    work = new_beside(tiny_copy, tiny_artifact)
+    with pytest.raises(KeyboardInterrupt):
+        install(work, tiny_copy, force=True, verify=interrupted)
+    assert manifest_bytes(tiny_copy) == old and leftovers(tiny_copy) == []
+
+
+def test_install_swaps_a_verified_artifact_in_and_removes_the_old(tiny_copy, tiny_artifact):
+    from corom_export.build import install
+
+    work = new_beside(tiny_copy, tiny_artifact)
+    (work / "manifest.json").write_text((work / "manifest.json").read_text().replace('"created": "',
+                                                                                      '"created": "new '))
+    assert install(work, tiny_copy, force=True, verify=lambda w: True) == tiny_copy
+    assert b'"created": "new ' in manifest_bytes(tiny_copy) and leftovers(tiny_copy) == []
+
+
+def test_install_through_a_symlinked_out_keeps_the_link_and_verifies(tiny_copy, tiny_artifact, tmp_path):
+    from corom_export.build import install
+
+    link = tmp_path / "current"
+    link.symlink_to(tiny_copy)
+    verified: list[Path] = []
+    work = new_beside(tiny_copy, tiny_artifact)
+    assert install(work, link, force=True, verify=lambda w: verified.append(w) or True) == tiny_copy
+    assert link.is_symlink() and link.resolve() == tiny_copy and verified == [work]
+    assert leftovers(tiny_copy) == []
+
+
+def test_install_refuses_an_out_that_appeared_while_exporting(tiny_copy, tiny_artifact, tmp_path):
+    from corom_export.build import install
+    from corom_runtime.errors import CoromError
+
+    old = manifest_bytes(tiny_copy)
+    work = new_beside(tiny_copy, tiny_artifact)
+    with pytest.raises(CoromError, match="appeared while exporting"):
+        install(work, tiny_copy, force=False, verify=lambda w: True)   # checked absent at the start
+    assert manifest_bytes(tiny_copy) == old and not work.exists()
+
+
+def test_a_lock_wait_that_times_out_is_an_error_not_a_lockless_run(tmp_path, monkeypatch):
+    from filelock import FileLock
+
+    from corom_runtime.artifacts.cache import cache_lock
+    from corom_runtime.errors import CoromError
+
+    monkeypatch.setenv("COROM_CACHE_DIR", str(tmp_path))
+    (tmp_path / "locks").mkdir()
+    held = FileLock(str(tmp_path / "locks" / "busy.lock"))
+    held.acquire()
+    ran = []
+    try:
+        with pytest.raises(CoromError, match="waited"):
+            with cache_lock("busy", timeout=0.2):
+                ran.append(True)
+    finally:
+        held.release()
+    assert ran == []
+
+
+def test_a_folder_named_like_a_preset_does_not_take_its_slot(tmp_path, monkeypatch):
+    from corom_export.hooks import default_out
+    from corom_runtime.artifacts.cache import artifact_dir
+    from corom_runtime.errors import CoromError
+
+    monkeypatch.setenv("COROM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "e5-small-v2").mkdir()
+    with pytest.raises(CoromError, match="named like the preset"):
+        default_out("./e5-small-v2", None)
+    assert default_out("e5-small-v2", None) == artifact_dir("e5-small-v2")          # the preset's own export
+    (tmp_path / "my-model").mkdir()
+    assert default_out("./my-model", None) == artifact_dir("my-model")
+    assert default_out("./e5-small-v2", "e5-small-v2") == artifact_dir("e5-small-v2")  # said so: --preset

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
 import os
+import re
+import secrets
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import onnx
 from onnxruntime.transformers.onnx_model import OnnxModel
 
 from corom_runtime.artifacts.artifact import sha256_file
+from corom_runtime.artifacts.cache import cache_lock
 from corom_runtime.cpu_check import CHECK_FILE
 from corom_runtime.shaping import QUANTIZATION_FILE
 from corom_runtime.artifacts.manifest import MANIFEST, Manifest
@@ -81,12 +86,23 @@ def _step(n: int, total: int, text: str) -> float:
     return time.perf_counter()
 
 
-def export_artifact(model: str, out: Path, options: ExportOptions = ExportOptions()) -> Path:
-    """Export every variant into `out` (written to a temporary folder, then moved into place).
+# `verify(work) -> accept`: run on the finished artifact in its work folder, before the swap
+Verifier = Callable[[Path], bool]
 
-    Returns `out`. The variants are not marked passed: run `verify_artifact` (as `corom export` does).
+
+def export_artifact(model: str, out: Path, options: ExportOptions = ExportOptions(),
+                    verify: Verifier | None = None) -> Path | None:
+    """Export every variant into a new folder beside `out`, verify it there (`verify`, if given), then
+    swap it in atomically: until the swap, an artifact already at `out` is untouched and keeps
+    serving; an interrupted export or verification leaves it as it was.
+
+    `verify(work)` returns whether the new artifact may replace an existing one (`corom export`: some
+    variant passed its gate). Returns `out`, or None when `verify` refused and the old artifact was
+    kept. Without `verify` the variants are not marked passed: run `verify_artifact` afterwards.
     """
     out = Path(out)
+    if out.is_symlink():  # replace what the link points to, and keep the link
+        out = out.resolve()
     if options.int8_static and options.int8_recipe in ("nbits8", "smooth"):
         raise CoromError(f"--int8-static calibrates activation ranges; the {options.int8_recipe!r} recipe has none "
                          "(use --int8-recipe attention, no-ffn-out or full with it)")
@@ -103,7 +119,7 @@ def export_artifact(model: str, out: Path, options: ExportOptions = ExportOption
     family = checkpoint.family
     pad_id = family.pad_id(config)
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    work = new_work_folder(out)
     try:
         tokenizer = build_tokenizer(checkpoint, preset.max_length)
         tokenizer.save(str(work / "tokenizer.json"))
@@ -167,13 +183,60 @@ def export_artifact(model: str, out: Path, options: ExportOptions = ExportOption
             add_variant(manifest, work, "ov-int8")
             add_variant(manifest, work, "ov-bf16")
 
-        _step(total, total, f"writing the artifact to {out}")
         manifest.write(work)
-        swap_into_place(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return install(work, out, options.force, verify, step=lambda: _step(total, total, f"writing the artifact to {out}"))
+
+
+def install(work: Path, out: Path, force: bool, verify: Verifier | None = None,
+            step: Callable[[], object] = lambda: None) -> Path | None:
+    """Verify the finished artifact in `work` (beside `out`), then swap it into `out`. Until the swap an
+    artifact at `out` is untouched; on any error or interruption `work` is removed and `out` is as it
+    was. Returns `out`, or None when `verify` refused and an existing artifact was kept."""
+    if out.is_symlink():  # replace what the link points to, and keep the link (renaming the link aside
+        out = out.resolve()  # would leave a link that rmtree refuses, and the new artifact unverified)
+    try:
+        if verify is not None:
+            print(f"verifying the new artifact beside {out} (an artifact there keeps serving until it passes)",
+                  file=sys.stderr, flush=True)
+            if not verify(work) and out.exists():
+                print(f"no variant of the new export passed its gate: kept the artifact at {out} as it was "
+                      "(the new one is discarded)", file=sys.stderr, flush=True)
+                shutil.rmtree(work)
+                return None
+        step()
+        # two exports to one --out: the later swap finds the earlier one's result, judged again here
+        with _swap_lock(out):
+            if out.exists() and not force:
+                raise CoromError(f"{out} appeared while exporting (another export?); pass --force to replace "
+                                 "it, or choose another --out")
+            if out.exists():
+                check_replaceable(out)
+            swap_into_place(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return out
+
+
+def new_work_folder(out: Path) -> Path:
+    """An empty folder beside `out`, created with the umask's mode (mkdtemp's 0700 would be kept by
+    the rename and lock other users out of the artifact)."""
+    while True:
+        work = out.parent / f".{out.name}.new-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            work.mkdir()
+            return work
+        except FileExistsError:
+            continue
+
+
+def _swap_lock(out: Path):
+    import hashlib
+
+    return cache_lock("swap-" + hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16], timeout=600)
 
 
 def check_replaceable(out: Path) -> None:
@@ -191,11 +254,17 @@ def check_replaceable(out: Path) -> None:
         ours = artifact_files(Manifest.read(out / MANIFEST))
     except CoromError:  # a damaged manifest still marks corom's folder: its usual files only
         ours = {MANIFEST, "tokenizer.json", CHECK_FILE, QUANTIZATION_FILE, *FILES.values(), *(f.replace(".xml", ".bin") for f in FILES.values())}
-    foreign = sorted(present - ours)
+    # what an interrupted `corom verify` may leave: content-addressed files not yet (or no longer)
+    # named by the manifest, and its temporary files
+    foreign = sorted(n for n in present - ours if not _LEFTOVER.fullmatch(n))
     if foreign:
         raise CoromError(f"{out} holds files `corom export` did not write ({', '.join(foreign[:5])}"
                          f"{' ...' if len(foreign) > 5 else ''}): --force will not delete them; move them, or "
                          "choose another --out")
+
+
+_LEFTOVER = re.compile(r"(check|quantization)\.[0-9a-f]{16}\.npz|\.(check|quantization)\.\d+\.\d+\.tmp|"
+                       r"manifest\.json(\.\d+)?\.tmp")
 
 
 def artifact_files(manifest: Manifest) -> set[str]:
@@ -208,17 +277,44 @@ def artifact_files(manifest: Manifest) -> set[str]:
     return names
 
 
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2  # renameat2 flags (Linux)
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux's renameat2; False where it is not available (other systems, old libc, some file
+    systems), so the caller falls back to plain renames."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if call(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP if hasattr(errno, "ENOTSUP") else errno.EINVAL):
+        return False
+    raise OSError(code, os.strerror(code), str(dst))
+
+
 def swap_into_place(work: Path, out: Path) -> None:
-    """Move the finished artifact to `out`. An existing one is renamed aside first and removed after
-    the new one is in place, so a reader never sees a half-deleted folder (a server that opened the
-    old files keeps reading them: on POSIX they live until closed)."""
+    """Move the finished artifact to `out`. An existing one is exchanged with it in one step (Linux
+    renameat2; elsewhere renamed aside first) and removed after the new one is in place, so a reader
+    never sees a half-deleted folder (a server that opened the old files keeps reading them: on POSIX
+    they live until closed)."""
     if not out.exists():
-        work.rename(out)
+        if not _renameat2(work, out, _RENAME_NOREPLACE):
+            if out.exists():
+                raise FileExistsError(errno.EEXIST, "appeared while exporting", str(out))
+            work.rename(out)
         return
-    old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
-    out.rename(old)
-    work.rename(out)
-    shutil.rmtree(old)
+    old = out.with_name(f".{out.name}.replaced-{os.getpid()}-{secrets.token_hex(4)}")
+    if _renameat2(work, out, _RENAME_EXCHANGE):
+        work.rename(old)  # `work` now holds the old artifact
+    else:
+        out.rename(old)
+        work.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _openvino_exporter_installed() -> bool:

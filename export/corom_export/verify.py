@@ -7,6 +7,7 @@ the same tokenized texts as the reference, so the figures are those users get.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import sys
 import time
@@ -62,6 +63,11 @@ class VerifyReport:
     def passed(self) -> bool:
         """Every variant measured here passed (variants whose engine is absent are skipped, not failed)."""
         return all(r.passed for r in self.results if r.skipped is None)
+
+    @property
+    def passed_any(self) -> bool:
+        """Some variant passed: the artifact can serve (what lets a new export replace an old one)."""
+        return any(r.passed for r in self.results)
 
     def table(self) -> str:
         head = (f"{'variant':8} {'min cos':>10} {'max |diff|':>11} {'top-10':>7} {'batch inv':>10} {'STSb':>7} "
@@ -132,6 +138,25 @@ def measure_speeds(embedders: dict[str, Embedder], items: list[TokenizedText], r
             for name, seconds in best.items()}
 
 
+def write_addressed(folder: Path, name: str, write) -> tuple[str, str]:
+    """Write a new file by `write(path)` under a name of its own content (`check.npz` ->
+    `check.<sha256[:16]>.npz`), atomically, never over a file a manifest may name: an interrupted
+    verify or a load racing it sees the old file with its old checksum until the manifest moves on.
+    Returns (file name, sha256)."""
+    stem, _, suffix = name.partition(".")
+    tmp = folder / f".{stem}.{os.getpid()}.{random.randrange(1 << 30)}.tmp"
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        sha = sha256_file(tmp)
+        final = f"{stem}.{sha[:16]}.{suffix}"
+        os.replace(tmp, folder / final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final, sha
+
+
 def write_check_set(folder: Path, texts: list[str], n_queries: int, reference: np.ndarray,
                     worst: np.ndarray) -> dict:
     """The artifact's load-time check set (`corom_runtime.cpu_check`): queries, the hardest passages
@@ -139,9 +164,9 @@ def write_check_set(folder: Path, texts: list[str], n_queries: int, reference: n
     Returns the manifest's record of it."""
     queries, passages = pick_check_texts(n_queries, worst)
     rows = queries + passages
-    CheckSet(texts=[texts[i] for i in rows], n_queries=len(queries), vectors=reference[rows]).write(folder / CHECK_FILE)
-    return {"file": CHECK_FILE, "sha256": sha256_file(folder / CHECK_FILE), "texts": len(rows),
-            "queries": len(queries)}
+    check = CheckSet(texts=[texts[i] for i in rows], n_queries=len(queries), vectors=reference[rows])
+    file, sha = write_addressed(folder, CHECK_FILE, check.write)
+    return {"file": file, "sha256": sha, "texts": len(rows), "queries": len(queries)}
 
 
 QUANTIZATION_TEXTS = 512
@@ -152,9 +177,51 @@ def write_quantization_set(folder: Path, encoder: SentenceEncoder, tokenizer: Te
     """The PyTorch reference's vectors of `n` calibration texts (never evaluated): what int8/uint8
     vector precision scales each dimension by, at any truncate_dim (`corom_runtime.shaping`)."""
     vectors = reference_embed(encoder, tokenizer.encode(calibration_texts(n)), dim, pad_id)
-    with open(folder / QUANTIZATION_FILE, "wb") as handle:
-        np.savez(handle, vectors=vectors.astype(np.float32))
-    return {"file": QUANTIZATION_FILE, "sha256": sha256_file(folder / QUANTIZATION_FILE), "texts": len(vectors)}
+
+    def write(path: Path) -> None:
+        with open(path, "wb") as handle:
+            np.savez(handle, vectors=vectors.astype(np.float32))
+    file, sha = write_addressed(folder, QUANTIZATION_FILE, write)
+    return {"file": file, "sha256": sha, "texts": len(vectors)}
+
+
+TOP_K = 10          # the retrieval gate's k (`parity.top_k`)
+FULL_SIZES = (200, 2000)  # `corom verify`'s defaults: the figures an artifact's gate is recorded at
+
+
+def check_sizes(n_queries: int, n_passages: int, threads: int | None = None) -> None:
+    """Refuse sizes that cannot measure the gates, before anything runs or is written (a usage error,
+    exit 2): top-10 agreement needs queries, and more passages than 10 (over 10 or fewer every query's
+    top 10 is every passage: agreement 1.0 whatever the variant)."""
+    most_q, most_p = FULL_SIZES
+    if isinstance(n_queries, bool) or not isinstance(n_queries, int) or not 1 <= n_queries <= most_q:
+        raise CoromError(f"--queries must be a whole number from 1 to {most_q} (the parity corpus's queries), "
+                         f"got {n_queries!r}")
+    if isinstance(n_passages, bool) or not isinstance(n_passages, int) or not 2 * TOP_K <= n_passages <= most_p:
+        raise CoromError(f"--passages must be a whole number from {2 * TOP_K} to {most_p}, got {n_passages!r}: "
+                         f"top-{TOP_K} agreement over fewer passages is 1.0 for any variant")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise CoromError(f"--threads must be a whole number of at least 1, got {threads!r}")
+
+
+def recorded_sizes(parity: dict) -> tuple[int, int] | None:
+    """(queries, passages) a variant's recorded figures were measured on; None: no figures. Records
+    without sizes came from full runs (older versions always wrote the defaults' figures)."""
+    if not parity or parity.get("min_cosine") is None:
+        return None
+    return int(parity.get("queries", FULL_SIZES[0])), int(parity.get("passages", FULL_SIZES[1]))
+
+
+def _smaller(sizes: tuple[int, int], recorded: tuple[int, int] | None) -> bool:
+    return recorded is not None and (sizes[0] < recorded[0] or sizes[1] < recorded[1])
+
+
+def _remove_replaced(folder: Path, before: dict, after: dict) -> None:
+    """After the manifest moved on, delete the check/quantization files only the old one named."""
+    for name in ("check", "quantization"):
+        old, new = before.get(name) or {}, after.get(name) or {}
+        if old.get("file") and old.get("file") != new.get("file"):
+            (folder / old["file"]).unlink(missing_ok=True)
 
 
 def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, variants: list[str] | None = None,
@@ -167,8 +234,10 @@ def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, va
     N STSb pairs, None: all 1,500) and the speed pass's size only trade precision of those two figures
     for time (the test suite's session artifact uses that; `corom verify` takes the defaults).
     """
+    check_sizes(n_queries, n_passages, threads)
     artifact = load_artifact(path)
     manifest = artifact.manifest
+    before = {"check": dict(manifest.check), "quantization": dict(manifest.quantization)}
     names = variants or list(artifact.variants)
     unknown = set(names) - set(artifact.variants)
     if unknown:
@@ -235,15 +304,24 @@ def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, va
             r.speed = speeds.get(r.variant, {})
 
     if write:
+        sizes = (n_queries, n_passages)
+        # a run on fewer texts than a variant's record may demote it (a failure on a subset is one on
+        # the whole), never replace the full run's figures that `auto` ranks by with its own
+        kept = {r.variant for r in report.results if r.passed and r.variant in embedders
+                and _smaller(sizes, recorded_sizes(manifest.variants[r.variant].parity))}
+        for name in sorted(kept):
+            print(f"  {name}: passed on {n_queries} queries and {n_passages} passages, fewer than its recorded "
+                  f"figures were measured on {recorded_sizes(manifest.variants[name].parity)}: those are kept",
+                  file=sys.stderr, flush=True)
         for r in report.results:
-            if r.skipped:
+            if r.skipped or r.variant in kept:
                 continue
             entry = manifest.variants[r.variant]
             entry.passed = r.passed
             entry.speed = r.speed
             entry.parity = {**(r.parity.to_dict() if r.parity else {}), "gate": vars(r.gate),
                             "measured_with": r.measured_with, "failures": r.failures,
-                            "stsb_spearman": r.stsb_spearman}
+                            "stsb_spearman": r.stsb_spearman, "queries": n_queries, "passages": n_passages}
             if r.variant in platforms:  # the verdict holds for this platform: replace its earlier record
                 here = platforms[r.variant]
                 entry.verified_on = [rec for rec in entry.verified_on if matching_record([rec], here) is None]
@@ -254,13 +332,15 @@ def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, va
         if variants is None or not manifest.quantization:
             manifest.quantization = write_quantization_set(artifact.path, encoder, tokenizer, artifact.dim,
                                                            artifact.pad_id)
-        if platforms and (variants is None or not manifest.check):
-            # a full run picks the check set anew; a run over some variants keeps the one the others'
-            # figures refer to
+        if platforms and ((variants is None and not kept) or not manifest.check):
+            # a full run picks the check set anew; a run over some variants (or smaller than the
+            # records it keeps) keeps the one the others' figures refer to
             manifest.check = write_check_set(artifact.path, texts, n_queries, reference, worst)
         if manifest.check:
-            check = CheckSet.read(artifact.path / manifest.check["file"])
+            check = CheckSet.read(artifact.check_file(manifest.check["file"], manifest.check["sha256"]))
             for name, embedder in embedders.items():  # what the load-time check compares top-10 with,
+                if name in kept:
+                    continue
                 vectors = embedder.embed_tokenized(tokenizer.encode(check.texts))  # measured the same way
                 manifest.variants[name].parity["check_top10"] = compare(
                     check.vectors, vectors, check.n_queries, artifact.score).top10_agreement
@@ -269,4 +349,5 @@ def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, va
                                 "stsb_pairs": len(pairs.gold) if pairs is not None else 0,
                                 "stsb_skipped": report.stsb_skipped}
         manifest.write(artifact.path)
+        _remove_replaced(artifact.path, before, {"check": manifest.check, "quantization": manifest.quantization})
     return report

@@ -179,9 +179,15 @@ class Manifest:
 
     def write(self, folder: Path) -> None:
         """Write atomically, so a crash never leaves a half-written manifest behind."""
-        tmp = folder / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        os.replace(tmp, folder / MANIFEST)
+        tmp = folder / f"{MANIFEST}.{os.getpid()}.tmp"   # per process: two writers never share one
+        try:
+            with open(tmp, "w", encoding="utf-8") as handle:
+                handle.write(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())  # on disk before the rename makes it the manifest
+            os.replace(tmp, folder / MANIFEST)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 _REEXPORT = "re-run `corom export MODEL --out FOLDER --force` to rebuild the artifact"
