@@ -150,3 +150,81 @@ def test_unknown_preset_lists_known_ones():
         load_preset("no-such-model")
     assert load_preset("corom-english-tiny").pooling == "cls"
     assert load_preset("corom-english-tiny").score == "dot"
+
+
+# -- sentence-transformers folders: read as sentence-transformers reads them ------------------------
+
+from checkpoints import write_st_folder  # noqa: E402
+from corom_export.reference import pool  # noqa: E402
+from corom_runtime.catalog import POOLINGS  # noqa: E402
+
+
+@pytest.mark.parametrize("mode", POOLINGS)
+def test_every_pooling_mode_equals_sentence_transformers_pooling(mode):
+    """Our pooling (traced into the graph) against sentence-transformers' own Pooling module, on
+    right-padded rows of different lengths."""
+    from sentence_transformers.models import Pooling
+
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, 16)
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] + [0] * 6])
+    theirs = Pooling(16, pooling_mode=mode)({"token_embeddings": hidden.clone(), "attention_mask": mask})
+    torch.testing.assert_close(pool(hidden, mask, mode), theirs["sentence_embedding"], atol=1e-6, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def st_roberta(tmp_path_factory):
+    """The issue's case: a RoBERTa folder with max pooling and a Dense layer (64 -> 32, tanh)."""
+    return write_st_folder(tmp_path_factory.mktemp("st") / "roberta-max-dense", "roberta", pooling="max", dense=32)
+
+
+def test_st_folder_head_is_read_not_guessed(st_roberta):
+    ck = inspect_folder(st_roberta)
+    head = ck.head()
+    assert (ck.layout, head.pooling, head.normalize) == ("sentence-transformers", "max", False)
+    assert [(d.in_features, d.out_features, d.activation) for d in head.dense] == [(64, 32, "tanh")]
+    assert ck.max_seq_length() == 48  # what sentence-transformers cuts at, not a default
+    encoder = build_reference(ck, head.pooling, head.normalize)
+    assert encoder.dim == 32
+
+
+def test_st_reference_equals_sentence_transformers(st_roberta):
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["a", "how long does it take to get a master degree", "Über die Brücke — naïve café 🙂"]
+    ck = inspect_folder(st_roberta)
+    encoder = build_reference(ck, *ck.pooling_hint())
+    tok = build_tokenizer(ck, 48)
+    encs = tok.encode_batch(texts)
+    width = max(len(e.ids) for e in encs)
+    ids = torch.tensor([e.ids + [1] * (width - len(e.ids)) for e in encs])
+    mask = torch.tensor([[1] * len(e.ids) + [0] * (width - len(e.ids)) for e in encs])
+    with torch.inference_mode():
+        ours = encoder(ids, mask).numpy()
+    np.testing.assert_allclose(ours, SentenceTransformer(str(st_roberta), device="cpu").encode(texts), atol=1e-5)
+
+
+def _edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    data = changes.pop("_replace", None) or {**data, **changes}
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda f: _edit_json(f / "1_Pooling" / "config.json", pooling_mode=["mean", "max"]), "2 pooling modes .*mean, max"),
+    (lambda f: _edit_json(f / "1_Pooling" / "config.json", pooling_mode="median"), "pooling mode 'median'"),
+    (lambda f: _edit_json(f / "1_Pooling" / "config.json", include_prompt=False), "include_prompt"),
+    (lambda f: _edit_json(f / "2_Dense" / "config.json", activation_function="torch.nn.modules.activation.SiLU"),
+     "Dense activation 'torch.nn.modules.activation.SiLU'"),
+    (lambda f: _edit_json(f / "modules.json", _replace=json.loads((f / "modules.json").read_text()) + [
+        {"idx": 3, "name": "3", "path": "3_LayerNorm", "type": "sentence_transformers.models.LayerNorm"}]),
+     "module 'sentence_transformers.models.LayerNorm' \\(3_LayerNorm\\) cannot be exported"),
+    (lambda f: _edit_json(f / "modules.json", _replace=[json.loads((f / "modules.json").read_text())[i] for i in (0, 2, 1)]),
+     "supported order is Transformer, Pooling, Dense"),
+])
+def test_what_cannot_be_built_is_refused_by_name(st_roberta, tmp_path, edit, message):
+    folder = tmp_path / "edited"
+    shutil.copytree(st_roberta, folder)
+    edit(folder)
+    with pytest.raises(SourceError, match=message):
+        inspect_folder(folder).head()
