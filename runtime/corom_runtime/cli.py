@@ -231,6 +231,10 @@ def _verify_here(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if getattr(args, "ray", False):
+        from corom_runtime.serving.ray_serve import serve_on_ray
+
+        return serve_on_ray(args)
     try:
         from corom_runtime.serving.app import serve
     except ImportError as exc:
@@ -414,6 +418,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: a full queue at the rate measured at start, 10 s to 10 min)")
     p.add_argument("--access-log", action="store_true",
                    help="log one line per request (off by default: it costs ~0.2 ms a request; /metrics counts them)")
+    # -- --ray: the same server on Ray Serve (serving/ray_serve.py); every flag above keeps its meaning
+    r = p.add_argument_group("Ray Serve (--ray)")
+    r.add_argument("--ray", action="store_true",
+                   help="serve through a Ray Serve application: Ray's proxy on --host/--port in front of replicas "
+                        "that each run this server's app, model and batcher (needs the [ray] extra)")
+    r.add_argument("--replicas", type=int, default=None, help="fixed number of replicas (default 1)")
+    r.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                   help="let Ray scale between MIN and MAX replicas on load (instead of --replicas)")
+    r.add_argument("--target-ongoing", type=float, default=16.0,
+                   help="with --autoscale: requests in flight per replica that Ray aims at (default 16)")
+    r.add_argument("--max-ongoing", type=int, default=64,
+                   help="requests one replica holds at once; more wait in the proxy (default 64)")
+    r.add_argument("--replica-cpus", type=float, default=1.0,
+                   help="CPUs each replica reserves, fractions allowed; its threads default to the whole "
+                        "CPUs among them, at least 1 (default 1)")
+    r.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs each replica reserves, fractions allowed")
+    r.add_argument("--ray-address", default=None,
+                   help="Ray to use: default starts a local one; 'auto' joins the cluster this node belongs to")
     p.set_defaults(func=cmd_serve)
     return parser
 
