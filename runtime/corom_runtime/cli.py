@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 from collections import deque
 import json
 import logging
@@ -18,6 +19,7 @@ from corom_runtime.exporter import require_exporter
 from corom_runtime.errors import CoromError
 from corom_runtime.tokenization import DIRECTIONS
 from corom_runtime.bulk.corpus_io import INPUT_FORMATS, OUTPUT_FORMATS, describe, input_format, read_rows, row_problem
+from corom_runtime.artifacts.artifact import find_exported
 from corom_runtime.artifacts.cache import artifact_dir, cache_root
 from corom_runtime.artifacts.presets import DEFAULT_PRESET, list_presets, load_preset
 
@@ -140,13 +142,15 @@ def _embed_corpus(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    if not args.input and not (args.source and args.candidates):
+        # checked before the model loads: a source alone would print [] and exit 0, which reads as a result
+        raise _ScoreUsage("give --source TEXT and one or more candidates (corom score -s \"query\" \"passage one\" "
+                          "\"passage two\"), or --input FILE.json with ModelScope's dict")
     embedder = _load(args)
     if args.input:
         raw = sys.stdin.read() if args.input == "-" else Path(args.input).read_text(encoding="utf-8")
         inputs = json.loads(raw)
     else:
-        if not args.source:
-            raise CoromError("give --source TEXT and candidates, or --input FILE.json with ModelScope's dict")
         inputs = {"source_sentence": [args.source], "sentences_to_compare": args.candidates}
     result = embedder.pipeline(inputs)
     emb = result["text_embedding"]
@@ -163,28 +167,94 @@ def cmd_presets(args: argparse.Namespace) -> int:
     rows = []
     for name in list_presets():
         preset = load_preset(name)
-        rows.append({**preset.to_dict(), "artifact": str(artifact_dir(name)),
-                     "exported": (artifact_dir(name) / "manifest.json").is_file()})
+        found = find_exported(name)  # the lookup `Embedder.load(NAME)` and `-m NAME` use: one rule
+        rows.append({**preset.to_dict(), "artifact": str(found or artifact_dir(name)), "exported": found is not None})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     print(f"cache: {cache_root()}")
     for r in rows:
         prompts = ", ".join(f"{k}={v!r}" for k, v in r["prompts"].items()) or "-"
+        where = f"exported: {r['artifact']}" if r["exported"] else f"not exported: corom export {r['name']}"
         print(f"{r['name']:40} {r['pooling']:4} {'norm' if r['normalize'] else '    '} {r['score']:6} "
-              f"{r['max_length']:4}  {'exported' if r['exported'] else 'not exported':12}  prompts: {prompts}")
+              f"{r['max_length']:4}  prompts: {prompts}\n{'':40} {where}")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     embedder = _load(args)
     info = embedder.info.to_dict()
-    if args.json:
-        print(json.dumps(info, indent=2))
+    if args.variant == "auto":
+        from corom_runtime.embedder import this_machine
+
+        machine = this_machine(embedder.info.threads, embedder.info.device)
+        ranking = auto_ranking(embedder.artifact.variants, embedder.info.device, machine)
     else:
-        for key, value in info.items():
-            print(f"{key:11} {value}")
+        ranking = None
+    if args.json:
+        print(json.dumps({**info, "auto": ranking} if ranking is not None else info, indent=2))
+        return 0
+    for key, value in info.items():
+        print(f"{key:11} {value}")
+    if ranking is not None:
+        print(_explain_auto(ranking, embedder.variant))
     return 0
+
+
+def auto_ranking(variants: dict, device: str, machine) -> list[dict]:
+    """How `variant="auto"` ranked this artifact's variants for the device it chose (`selection`'s rule,
+    re-traced, not re-decided): per variant in the table's order, whether it may run here and why not,
+    the speed `corom verify` measured on this CPU and thread count, its rank, and ties within
+    `selection.SPEED_TIE` of a faster one (which the table's order breaks). Pure: `machine` is a
+    `selection.Machine`, `variants` the manifest's entries."""
+    from corom_runtime.catalog import auto_order
+    from corom_runtime.selection import measured_speed, rank_by_speed
+
+    order = [v.name for v in auto_order(device) if v.name in variants] + [n for n in variants if n not in VARIANTS]
+    rows, speeds = [], {}
+    for name in order:
+        entry = variants[name]
+        why = ("failed its gate at export" if not entry.passed else f"not built for {device}"
+               if device not in entry.devices else f"{entry.engine} not installed"
+               if entry.engine not in machine.engines else None)
+        speed = measured_speed(entry, machine, device) if why is None else None
+        if why is None:
+            speeds[name] = speed
+        recorded = entry.speed or {}
+        rows.append({"variant": name, "excluded": why, "texts_per_s": speed,
+                     "measured_on": (f"{recorded.get('cpu')}, {recorded.get('threads')} threads"
+                                     if recorded.get("texts_per_s") else None)})
+    ranked = rank_by_speed([r["variant"] for r in rows if r["excluded"] is None], speeds)
+    for row in rows:
+        name, speed = row["variant"], row["texts_per_s"]
+        row["rank"] = ranked.index(name) + 1 if name in ranked else None
+        # ranked above a faster variant: within the tie of it, the table's order put this one first
+        faster = [n for n in ranked[ranked.index(name) + 1:] if speed and (speeds.get(n) or 0) > speed] \
+            if name in ranked else []
+        row["tie_with"] = faster[0] if faster else None
+    return sorted(rows, key=lambda r: (r["rank"] is None, r["rank"] or 0))
+
+
+def _explain_auto(rows: list[dict], chosen: str) -> str:
+    from corom_runtime.selection import SPEED_TIE
+
+    ranked = [r for r in rows if r["rank"]]
+    measured = any(r["texts_per_s"] for r in ranked)
+    rule = (f"the fastest `corom verify` measured on this CPU and thread count (speeds within {SPEED_TIE:.0%} of "
+            "the fastest are a tie, broken by the table's order)" if measured else
+            "no speed was measured on this CPU and thread count: the table's order")
+    lines = [f"auto        chose {chosen}: {rule}"]
+    if ranked and ranked[0]["variant"] != chosen:
+        lines.append(f"{'':12}({ranked[0]['variant']} ranked first but failed its gate on this CPU: see `verified`)")
+    for r in rows:
+        if r["rank"]:
+            speed = f"{r['texts_per_s']:8.1f} texts/s" if r["texts_per_s"] else \
+                f"{'not measured here':>16}" + (f" (measured on {r['measured_on']})" if r["measured_on"] else "")
+            note = f"  (within {SPEED_TIE:.0%} of {r['tie_with']}: a tie, the table's order first)" if r["tie_with"] else ""
+            lines.append(f"{'':12}{r['rank']}. {r['variant']:8}{speed}{note}")
+        else:
+            lines.append(f"{'':12}-  {r['variant']:8}excluded: {r['excluded']}")
+    return "\n".join(lines)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -248,13 +318,97 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the parity report as JSON")
 
 
+class _ScoreUsage(CoromError):
+    """`corom score` without what it needs: a usage error (exit 2)."""
+
+
+# Names other tools use for an option, where spelling alone would not find ours (TEI/OpenAI say
+# "dimensions", sentence-transformers "truncate_dim").
+OPTION_SYNONYMS = {"--dims": "--truncate-dim", "--dim": "--truncate-dim", "--dimensions": "--truncate-dim",
+                   "--truncate-dims": "--truncate-dim", "--model-path": "--model", "--artifact": "--model",
+                   "--batch": "--batch-size", "--normalize-embeddings": "--normalize"}
+
+
+def closest_option(word: str, options: Sequence[str]) -> str | None:
+    """The option a mistyped `word` most likely meant (`--dims` -> `--truncate-dim`), or None. Pure."""
+    flag = word.split("=", 1)[0]
+    if OPTION_SYNONYMS.get(flag) in options:
+        return OPTION_SYNONYMS[flag]
+    longs = [o for o in options if o.startswith("--")]
+    close = difflib.get_close_matches(flag, longs, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    # a word of it: `--prompt` -> `--prompt-name`, `--tokens` -> `--max-batch-tokens`
+    words = {w.rstrip("s") for w in flag.lstrip("-").split("-") if len(w) > 2}
+    sharing = [o for o in longs if words & {w.rstrip("s") for w in o.lstrip("-").split("-")}]
+    return max(sharing, key=lambda o: difflib.SequenceMatcher(None, flag, o).ratio()) if sharing else None
+
+
+class CoromParser(argparse.ArgumentParser):
+    """argparse with the subcommand named in errors and the closest option suggested
+    (Python 3.14's `suggest_on_error`, for the versions we support)."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extras = super().parse_known_args(args, namespace)
+        command = getattr(parsed, "command", None)
+        sub = self._subparsers_by_name().get(command) if command else None
+        if extras and sub is not None and sub is not self:
+            # argparse reports a subcommand's unknown options from the top parser ("corom: error"): say whose
+            sub.error(sub.unrecognized(extras))
+        return parsed, extras
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(self.unrecognized(extras))
+        return parsed
+
+    def unrecognized(self, extras: list[str]) -> str:
+        message = f"unrecognized arguments: {' '.join(extras)}"
+        flags = [e for e in extras if e.startswith("-")]
+        guess = closest_option(flags[0], list(self._option_string_actions)) if flags else None
+        return f"{message} (did you mean {guess}?)" if guess else message
+
+    def error(self, message: str):  # type: ignore[override]
+        import re
+
+        bad = re.match(r"argument (\S+): invalid choice: '([^']*)'", message)
+        if bad and not message.endswith("?)"):
+            action = next((a for a in self._actions if a.choices and "/".join(a.option_strings or [a.dest]) == bad[1]
+                           or (a.metavar or a.dest) == bad[1] or bad[1] in (a.option_strings or [])), None)
+            if action is not None:
+                close = difflib.get_close_matches(bad[2], [str(c) for c in action.choices], n=1, cutoff=0.5)
+                if close:
+                    message += f" (did you mean {close[0]}?)"
+        super().error(message)
+
+    def _subparsers_by_name(self) -> dict[str, argparse.ArgumentParser]:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return dict(action.choices)
+        return {}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from corom_runtime import __version__
+
+    try:
+        installed = version("corom-onnx")
+    except PackageNotFoundError:
+        installed = __version__
+    return f"corom {installed} (python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="corom", description=__doc__)
+    parser = CoromParser(prog="corom", description=__doc__)
+    parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     parser.add_argument("--cache-dir", default=None,
                         help="where artifacts (and OpenVINO/TensorRT caches) live; default $COROM_CACHE_DIR, "
                              "else ~/.cache/corom-onnx")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=CoromParser)
 
     p = sub.add_parser("export", help="export a checkpoint to every variant (ONNX fp32/opt/fp16/int8; OpenVINO "
                                       "bf16/int8 when the openvino extra is installed) and verify each")
@@ -449,6 +603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except _ScoreUsage as exc:  # argparse's way: the usage line, then the error, exit 2
+        parser._subparsers_by_name()[args.command].error(str(exc))
     except (CoromError, json.JSONDecodeError, OSError) as exc:  # the user's to fix: say what, no traceback
         print(f"corom {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -147,9 +147,9 @@ def resolve_path(path_or_preset: str | Path) -> Path:
         return path
     name = str(path_or_preset)
     if "/" not in name and "\\" not in name:
-        for candidate in (artifact_dir(name), build_dir(name)):
-            if candidate.is_dir():
-                return candidate
+        found = find_exported(name)
+        if found is not None:
+            return found
         known = find_preset(name)
         if known:
             raise MissingArtifactError(
@@ -159,6 +159,12 @@ def resolve_path(path_or_preset: str | Path) -> Path:
     raise ArtifactError(
         f"no artifact at {path_or_preset!s}: pass the folder that `corom export` wrote, or a preset name "
         f"({', '.join(list_presets())})")
+
+
+def find_exported(name: str) -> Path | None:
+    """Where the artifact of the name `name` is, by the one lookup rule (`Embedder.load(NAME)`, `-m NAME`,
+    `corom presets`): the user cache, else a clone's `models/build/NAME`; None where neither has it."""
+    return next((c for c in (artifact_dir(name), build_dir(name)) if c.is_dir()), None)
 
 
 def load_artifact(path_or_preset: str | Path) -> Artifact:
