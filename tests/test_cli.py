@@ -109,3 +109,18 @@ def test_info_says_why_auto_chose_its_variant(capsys, bundled_artifact):
     code, out, _ = run(capsys, "info", "-m", str(bundled_artifact), "--device", "cpu")
     assert code == 0 and f"chose {info['variant']}:" in out
     assert all(f"{r['rank']}. {r['variant']}" in out for r in ranked)
+
+
+def test_the_offline_export_hint_names_the_preset(monkeypatch):
+    """A preset's hub download failing (offline) says the command to paste, with the preset's name."""
+    import sys
+    import types
+
+    from corom_export.sources import SourceError, download_hf
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=offline))
+    with pytest.raises(SourceError, match=r"corom export DIR --preset e5-small-v2`"):
+        download_hf("intfloat/e5-small-v2")

@@ -238,9 +238,16 @@ def download_modelscope(model_id: str, cache_dir: Path | None = None) -> Path:
         raise SourceError(
             f"could not download {model_id!r} from ModelScope ({type(exc).__name__}: {exc}). "
             "Offline? Copy the checkpoint folder onto this machine and pass its path instead "
-            "(`corom export DIR --preset NAME` keeps a preset's settings)."
+            f"(`corom export DIR --preset {_preset_of('modelscope:' + model_id)}` keeps a preset's settings)."
         ) from exc
     return Path(folder)
+
+
+def _preset_of(spec: str) -> str:
+    """The preset whose source is `spec`, for a hint the user can paste (NAME where none is)."""
+    from corom_runtime.artifacts.presets import list_presets, load_preset
+
+    return next((name for name in list_presets() if load_preset(name).source == spec), "NAME")
 
 
 def download_hf(repo_id: str) -> Path:
@@ -257,7 +264,7 @@ def download_hf(repo_id: str) -> Path:
         raise SourceError(
             f"could not download {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
             f"Offline? Copy the model folder onto this machine (e.g. `huggingface-cli download {repo_id} "
-            f"--local-dir DIR` elsewhere) and run `corom export DIR --preset NAME`.") from exc
+            f"--local-dir DIR` elsewhere) and run `corom export DIR --preset {_preset_of('hf:' + repo_id)}`.") from exc
     return Path(folder)
 
 
