@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -226,3 +227,49 @@ def test_a_folder_named_like_a_preset_does_not_take_its_slot(tmp_path, monkeypat
     (tmp_path / "my-model").mkdir()
     assert default_out("./my-model", None) == artifact_dir("my-model")
     assert default_out("./e5-small-v2", "e5-small-v2") == artifact_dir("e5-small-v2")  # said so: --preset
+
+
+@pytest.mark.parametrize("flags", [["--queries", "0", "--passages", "30"], ["--passages", "5"],
+                                   ["--passages", "-5"], ["--passages", "0"], ["--threads", "0"],
+                                   ["--queries", "201"]])
+def test_verify_refuses_sizes_that_cannot_measure_the_gate_before_writing(tiny_copy, flags, capsys):
+    from corom_runtime.cli import main as corom
+
+    before = manifest_bytes(tiny_copy)
+    assert corom(["verify", str(tiny_copy), "--no-stsb", *flags]) == 2
+    assert "error" in capsys.readouterr().err
+    assert manifest_bytes(tiny_copy) == before
+
+
+def test_a_smaller_verify_keeps_the_full_runs_figures(tiny_copy):
+    from corom_export.verify import verify_artifact
+
+    before = json.loads(manifest_bytes(tiny_copy))
+    verify_artifact(tiny_copy, n_queries=5, n_passages=40, variants=["opt"], stsb=False, speed_texts=16,
+                    speed_rounds=1)
+    after = json.loads(manifest_bytes(tiny_copy))
+    assert after["variants"]["opt"] == before["variants"]["opt"]
+
+
+def test_an_interrupted_verify_leaves_a_loadable_artifact(tiny_copy, monkeypatch):
+    """The check and calibration files are written under new names; the manifest last; the files it
+    named before are removed only after it moved on."""
+    from corom_export.verify import verify_artifact
+    from corom_runtime.artifacts.manifest import Manifest
+
+    before = json.loads(manifest_bytes(tiny_copy))
+
+    def killed(self, folder):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Manifest, "write", killed)
+    with pytest.raises(KeyboardInterrupt):   # more texts than the fixture's: a different check set
+        verify_artifact(tiny_copy, n_queries=25, n_passages=120, stsb=False, speed_texts=16, speed_rounds=1)
+    monkeypatch.undo()
+    art = load_artifact(tiny_copy)
+    assert art.check_set() is not None and art.quantization_vectors() is not None  # checksums still hold
+    verify_artifact(tiny_copy, n_queries=25, n_passages=120, stsb=False, speed_texts=16, speed_rounds=1)
+    after = json.loads(manifest_bytes(tiny_copy))
+    assert after["check"]["file"] != before["check"]["file"]
+    assert not (tiny_copy / before["check"]["file"]).exists()       # the old one, removed after the switch
+    art = load_artifact(tiny_copy)
+    assert art.check_set() is not None and art.quantization_vectors() is not None
