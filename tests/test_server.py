@@ -89,7 +89,7 @@ def test_openai_client_gets_correct_embeddings(server, embedder):
             vec = np.frombuffer(base64.b64decode(d.embedding), "<f4") if fmt == "base64" else d.embedding
             assert len(vec) == 384 and cos(vec, e) > 0.98
         assert resp.usage.prompt_tokens > 10
-    single = client.embeddings.create(model="m", input="just one")
+    single = client.embeddings.create(model="all-minilm-l6-v2", input="just one")
     assert len(single.data) == 1
 
 

@@ -548,7 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "finds the batcher idle runs at once on the server's event loop instead of being handed "
                         "to the batch worker (saves ~0.15 ms); 0 sends every request through the worker "
                         "(default 512)")
-    p.add_argument("--max-items", type=int, default=256, help="most texts in one request")
+    p.add_argument("--inline-max-ms", type=float, default=2.0,
+                   help="...and only when its inference, estimated from the speed measured at start, takes at "
+                        "most this many milliseconds: it holds the event loop (and /health) meanwhile (default 2)")
+    p.add_argument("--max-items", type=int, default=2048,
+                   help="most texts in one request (default 2048, OpenAI's limit; at most --max-queue)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     p.add_argument("--api-key", default=None,
                    help="require `Authorization: Bearer KEY`; prefer the COROM_API_KEY environment variable, "

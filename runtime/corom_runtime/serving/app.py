@@ -1,7 +1,8 @@
 """`corom serve`: an HTTP embedding server over the dynamic batcher (Starlette on uvicorn).
 
-Endpoints: OpenAI-compatible `POST /v1/embeddings`, `POST /embed` (`{"inputs": [...]}`),
-`POST /similarity` (ModelScope's dict), `GET /health`, Prometheus `GET /metrics`.
+Endpoints: OpenAI-compatible `POST /v1/embeddings` and `GET /v1/models`, TEI's `POST /embed`
+(`{"inputs": [...]}`), `POST /tokenize` and `GET /info`, `POST /similarity` (ModelScope's dict),
+`GET /health`, Prometheus `GET /metrics`. The fields each route accepts are one table (`protocol`).
 Whatever a client sends, the answer is a success or a 4xx/503 in one JSON error shape
 (`http_errors`); the request guard (`guard`) checks Host/Origin, framing, size and time first;
 uvicorn is run with head timeouts and a drain deadline (`runner`).
@@ -38,6 +39,7 @@ from corom_runtime.tokenization import DIRECTIONS
 from corom_runtime.errors import InvalidInputError, positive_int
 from corom_runtime.serving.http_errors import HTTPError, error_response, from_exception
 from corom_runtime.serving.guard import LOOPBACK_HOSTS, GuardSettings, RequestGuard
+from corom_runtime.serving.protocol import LANGCHAIN_TOKENS, check_fields, is_token_ids, model_names, served_model
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,9 @@ INTERNAL_ERRORS = "corom_http_internal_errors_total"
 
 @dataclass(frozen=True)
 class ServerSettings:
-    max_items: int = 256
+    # texts per request: OpenAI takes 2,048 (LangChain sends 1,000); the batcher splits them into batches,
+    # and the queue (`batcher.max_queue`) bounds the texts in flight across requests
+    max_items: int = 2048
     max_body_bytes: int = 1 << 20
     api_key: str | None = None
     # with a key set, full /health and /metrics need it too; without it /health answers liveness only
@@ -121,8 +125,11 @@ def _texts(value: Any, field_name: str, max_items: int, allow_empty: bool = Fals
         raise HTTPError(400, f"'{field_name}' must be a string or a list of strings, got {_kind(value)}")
     if not value and not allow_empty:
         raise HTTPError(400, f"'{field_name}' is empty: send at least one text")
+    if is_token_ids(value):  # before the size check: 1,000 ids are one text, not 1,000 items
+        raise HTTPError(400, f"'{field_name}' holds {LANGCHAIN_TOKENS}")
     if len(value) > max_items:
-        raise HTTPError(413, f"'{field_name}' has {len(value)} items; at most {max_items} per request")
+        raise HTTPError(413, f"'{field_name}' has {len(value)} items; at most {max_items} per request (the server "
+                             "flag --max-items sets it): split the request")
     for i, item in enumerate(value):
         if not isinstance(item, str):
             raise HTTPError(400, f"'{field_name}'[{i}] is {_kind(item)}, not a string "
@@ -143,29 +150,52 @@ class RequestOptions:
     cut: Truncation = Truncation()
     shaping: Shaping = Shaping()
     chunking: Chunking | None = None
+    normalize: bool = False  # L2-normalize the pooled rows (TEI's `normalize: true` on a model that does not)
+    # what the request's `input_type` did, for the answer's X-Corom-Input-Type header; None: not asked
+    input_type_note: str | None = None
+
+    def headers(self) -> dict[str, str] | None:
+        return {"X-Corom-Input-Type": self.input_type_note} if self.input_type_note else None
 
 
-def _prompt(embedder: Embedder, body: dict) -> str:
-    """The prompt before every text: `prompt_name` (TEI's field) or `input_type` (Cohere's), or none."""
+def _prompt(embedder: Embedder, body: dict) -> tuple[str, str | None]:
+    """The prompt before every text: `prompt_name` (TEI's field) or `input_type` (Cohere's), or none; and,
+    where `input_type` was given, what it did (the answer's X-Corom-Input-Type header). An input_type
+    the model has no prompt for is a no-op, said so: a client written for Cohere sends it to every model."""
     name, input_type = body.get("prompt_name"), body.get("input_type")
     if name is not None and input_type is not None:
         raise HTTPError(400, "give 'prompt_name' or 'input_type', not both")
+    note = None
     if input_type is not None:
         if not isinstance(input_type, str) or input_type not in INPUT_TYPES:
             raise HTTPError(400, f"'input_type' must be one of {', '.join(INPUT_TYPES)}, got {str(input_type)[:40]!r}")
         name = next((n for n in INPUT_TYPES[input_type] if n in embedder.prompts), None)
         if name is None:
-            has = ", ".join(repr(k) for k in embedder.prompts) or "none: this model takes no prompts"
-            raise HTTPError(400, f"input_type {input_type!r} needs a {'/'.join(INPUT_TYPES[input_type])} prompt, which "
-                                 f"{embedder.info.model} does not have (its prompts: {has}); send the texts without it")
+            return "", f"{input_type}: ignored, {embedder.info.model} has no {'/'.join(INPUT_TYPES[input_type])} prompt"
+        note = f"{input_type}: prompt {name!r}"
     if name is None:
-        return ""
+        return "", note
     if not isinstance(name, str):
         raise HTTPError(400, f"'prompt_name' must be a string, got {_kind(name)}")
     try:
-        return embedder.prompt_text(prompt_name=name)
+        return embedder.prompt_text(prompt_name=name), note
     except ValueError as exc:
         raise HTTPError(400, str(exc)[:400]) from exc
+
+
+def _normalize(embedder: Embedder, value: Any) -> bool:
+    """TEI's `normalize`: whether to L2-normalize on top of the model's own convention. Absent keeps the
+    model's convention (every surface returns the same vectors). Pooling and normalization are inside
+    the exported graph, so a normalized model cannot give its un-normalized vectors: `false` is a 400."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise HTTPError(400, f"'normalize' must be true or false, got {_kind(value)}")
+    if not value and embedder.info.normalize:
+        raise HTTPError(400, f"'normalize': false cannot be served: {embedder.info.model}'s vectors are L2-normalized "
+                             "inside its exported graph (pooling and normalization are part of the model file), so "
+                             "the un-normalized vector is not available; omit 'normalize' or send true")
+    return value and not embedder.info.normalize
 
 
 def _options(embedder: Embedder, body: dict) -> RequestOptions:
@@ -178,27 +208,33 @@ def _options(embedder: Embedder, body: dict) -> RequestOptions:
     dims, precision = body.get("dimensions"), body.get("precision", "float32")
     if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int)):
         raise HTTPError(400, f"'dimensions' must be an integer from 1 to {embedder.dim}, got {_kind(dims)}")
+    normalize = _normalize(embedder, body.get("normalize"))
     try:
-        shaping = embedder.shaping(dims, precision)
+        shaping = embedder.shaping(dims, precision, normalize)
     except ValueError as exc:  # out of range, unknown precision, an artifact without calibration
         raise HTTPError(400, str(exc).replace("truncate_dim", "'dimensions'").replace("precision", "'precision'", 1)[:400]) from exc
     try:
         chunking = Chunking.of(body.get("chunking"))
     except (ValueError, TypeError) as exc:
         raise HTTPError(400, f"'chunking': {str(exc)[:300]}") from exc
-    return RequestOptions(_prompt(embedder, body), Truncation(truncate, direction), shaping, chunking)
+    prompt, note = _prompt(embedder, body)
+    return RequestOptions(prompt, Truncation(truncate, direction), shaping, chunking, normalize, note)
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12)
 
 
 def _shaped(ticket, rows: np.ndarray, options: RequestOptions) -> Any:
     """The request's answer: its rows (a chunked text's windows averaged) shaped as asked; for
     chunking pool "none", per text its windows' shaped rows and their character spans."""
     plan = ticket.plan
+    shape = (lambda r: options.shaping.apply(_unit(r))) if options.normalize else options.shaping.apply
     if plan is None:
-        return options.shaping.apply(rows)
+        return shape(rows)
     if options.chunking is not None and options.chunking.pool == "none":
-        return [{"embeddings": options.shaping.apply(w), "spans": spans}
-                for w, spans in zip(plan.windows(rows), plan.spans)]
-    return options.shaping.apply(plan.pool(rows))
+        return [{"embeddings": shape(w), "spans": spans} for w, spans in zip(plan.windows(rows), plan.spans)]
+    return shape(plan.pool(rows))
 
 
 def _warm(warm_buckets: Callable[..., int], max_rows: int, stop: threading.Event) -> None:
@@ -266,8 +302,8 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings(),
             # flight may run inline (on the loop, one short inference); requests together are batched
             await asyncio.sleep(0)
             ticket = submit(inline=state["inflight"] == 1)
-            if ticket.done():
-                return _shaped(ticket, ticket.result(), options), ticket.token_count
+            if ticket.done():  # ran inline: the future holds the raw rows (windows), as from the worker
+                return _shaped(ticket, ticket.future.result(), options), ticket.token_count
         result = asyncio.wrap_future(ticket.future)
         # a forced exit fails it after its handler is gone: retrieve the error so it is not logged as lost
         result.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -309,22 +345,22 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings(),
                 state["inflight"] -= 1
         return wrapped
 
+    names = model_names(embedder.info.model, embedder.artifact.manifest.source,
+                        embedder.artifact.manifest.source_preset)
+    created = int(time.time())
+
     async def openai_embeddings(request: Request) -> Response:
         body = await _json(request)
         if not isinstance(body, dict) or "input" not in body:
             raise HTTPError(400, "body must be a JSON object with 'input' (a string or a list of strings)")
+        check_fields("/v1/embeddings", body)
+        model = served_model(_echo(body.get("model"), "model"), names)
         texts = _texts(body["input"], "input", settings.max_items)
         options = _options(embedder, body)
-        model = _echo(body.get("model"), "model")
         fmt = body.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             raise HTTPError(400, f"encoding_format must be 'float' or 'base64', got {str(fmt)[:40]!r}")
         precision = options.shaping.precision
-        if precision != "float32" and "encoding_format" not in body:
-            # the OpenAI SDK asks for base64 unless told otherwise and decodes it as float32
-            raise HTTPError(400, f"precision {precision!r} needs an explicit 'encoding_format': 'float' for lists of "
-                                 "integers, 'base64' for the raw bytes (dtype named in the answer); a client that "
-                                 "decodes base64 as float32, as the OpenAI SDK does, would misread them")
         if options.chunking is not None and options.chunking.pool != "mean":
             raise HTTPError(400, "/v1/embeddings returns one vector per input: 'chunking' pool must be 'mean' "
                                  "(per-window vectors: /embed with pool 'none')")
@@ -334,30 +370,80 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings(),
         def build() -> Response:
             data = []
             for i, row in enumerate(emb):
-                value: Any = base64.b64encode(row.astype(row.dtype.newbyteorder("<")).tobytes()).decode() \
-                    if fmt == "base64" else row
+                # base64 is little-endian float32 in OpenAI's API, and every OpenAI client (the SDK asks
+                # for it by default) decodes it so: int8/uint8/binary values go as exact float32 numbers
+                value: Any = base64.b64encode(row.astype("<f4").tobytes()).decode() if fmt == "base64" else row
                 item = {"object": "embedding", "index": i, "embedding": value}
                 if precision != "float32":
-                    item["dtype"] = str(row.dtype)
+                    item["dtype"] = str(row.dtype)  # the values' type (base64: carried as float32)
                 data.append(item)
-            return VectorsResponse({"object": "list", "data": data, "model": model or embedder.info.model,
-                                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+            return VectorsResponse({"object": "list", "data": data, "model": model,
+                                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
+                                   headers=options.headers())
         return await _respond(build, emb.size)
+
+    async def list_models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [_model_card()]})
+
+    async def get_model(request: Request) -> Response:
+        served_model(request.path_params["model"], names)
+        return JSONResponse(_model_card())
+
+    def _model_card() -> dict:
+        return {"id": names[0], "object": "model", "created": created, "owned_by": "corom",
+                "aliases": list(names[1:])}
+
+    async def info(request: Request) -> Response:
+        """TEI's /info, with what we add (variant, engine, device, dimensions)."""
+        from corom_runtime import __version__
+
+        b = settings.batcher
+        return JSONResponse({
+            "model_id": names[0], "model_sha": None, "model_dtype": embedder.info.precision,
+            "model_type": {"embedding": {"pooling": embedder.info.pooling}},
+            "max_concurrent_requests": settings.max_connections, "max_input_length": embedder.info.max_length,
+            "max_batch_tokens": b.max_batch_tokens, "max_batch_requests": b.max_batch_size,
+            "max_client_batch_size": settings.max_items, "tokenization_workers": None,
+            "version": __version__, "normalize": embedder.info.normalize, "dimensions": embedder.dim,
+            "variant": embedder.variant, "engine": embedder.info.engine, "device": embedder.info.device,
+            "prompts": embedder.prompts})
+
+    async def tokenize(request: Request) -> Response:
+        """TEI's /tokenize: per input, its tokens as {id, text, special, start, stop} (character offsets)."""
+        body = await _json(request)
+        if not isinstance(body, dict) or "inputs" not in body:
+            raise HTTPError(400, "body must be a JSON object with 'inputs' (a string or a list of strings)")
+        check_fields("/tokenize", body)
+        texts = _texts(body["inputs"], "inputs", settings.max_items)
+        special = body.get("add_special_tokens", True)
+        if not isinstance(special, bool):
+            raise HTTPError(400, f"'add_special_tokens' must be true or false, got {_kind(special)}")
+        prompt, _ = _prompt(embedder, body)
+        run = functools.partial(token_spans, embedder, texts, prompt, special)
+        heavy = sum(len(t) for t in texts) > OFFLOAD_TEXT_CHARS
+        return JSONResponse(await asyncio.to_thread(run) if heavy else run())
 
     async def embed(request: Request) -> Response:
         body = await _json(request)
         if not isinstance(body, dict) or "inputs" not in body:
             raise HTTPError(400, "body must be a JSON object with 'inputs' (a string or a list of strings)")
+        check_fields("/embed", body)
         texts = _texts(body["inputs"], "inputs", settings.max_items)
-        emb, _ = await embed_texts(request, texts, _options(embedder, body))
+        options = _options(embedder, body)
+        emb, _ = await embed_texts(request, texts, options)
         if isinstance(emb, list):  # chunking pool "none": [{"embeddings": [[...], ...], "spans": [[start, end], ...]}]
-            return await _respond(lambda: VectorsResponse(emb), sum(e["embeddings"].size for e in emb))
-        return await _respond(lambda: VectorsResponse(emb), emb.size)
+            return await _respond(lambda: VectorsResponse(emb, headers=options.headers()),
+                                  sum(e["embeddings"].size for e in emb))
+        return await _respond(lambda: VectorsResponse(emb, headers=options.headers()), emb.size)
 
     async def similarity(request: Request) -> Response:
         body = await _json(request)
         if not isinstance(body, dict) or "source_sentence" not in body:
             raise HTTPError(400, "body must be ModelScope's {'source_sentence': [text], 'sentences_to_compare': [texts]}")
+        check_fields("/similarity", body)
+        with_embeddings = body.get("return_embeddings", True)
+        if not isinstance(with_embeddings, bool):
+            raise HTTPError(400, f"'return_embeddings' must be true or false, got {_kind(with_embeddings)}")
         source = _texts(body["source_sentence"], "source_sentence", max(2, settings.max_items))
         if len(source) != 1:
             raise HTTPError(400, f"'source_sentence' must hold exactly one text, got {len(source)}")
@@ -365,6 +451,8 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings(),
                          allow_empty=True)
         emb, _ = await embed_texts(request, source + compare)
         scores = embedder.similarity(emb[:1], emb[1:])[0] if compare else []
+        if not with_embeddings:
+            return VectorsResponse({"scores": scores})
         return await _respond(lambda: VectorsResponse({"text_embedding": emb, "scores": scores}), emb.size)
 
     async def health(request: Request) -> Response:
@@ -392,7 +480,9 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings(),
     @contextlib.asynccontextmanager
     async def lifespan(app):
         state["rate"] = measure_rate(embedder)
-        state["batcher"] = DynamicBatcher(embedder, settings.batcher)
+        # the measured speed bounds inline work by time: it holds the event loop (and /health) meanwhile
+        state["batcher"] = DynamicBatcher(embedder, settings.batcher,
+                                          seconds_per_token=1.0 / (state["rate"] * embedder.artifact.max_length))
         state["batcher"].metrics.counter(INTERNAL_ERRORS, "requests answered 500: a bug, logged with its request id")
         state["ready"] = True
         log.info("serving %s (%s on %s, %.0f long texts/s)", embedder.info.model, embedder.variant,
@@ -405,6 +495,7 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings(),
             warmer.start()
             state["warmer"] = warmer
         try:
+            state["batcher"].warming = warmer.is_alive  # no inline run while a first-hit compile may stall it
             yield
         except asyncio.CancelledError:  # a forced exit (second signal): no drain, answer nobody
             stop_warming.set()
@@ -430,6 +521,10 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings(),
         Route("/similarity", endpoint(similarity), methods=["POST"]),
         Route("/health", endpoint(health, protected=False), methods=["GET"]),
         Route("/metrics", endpoint(metrics, protected=False), methods=["GET"]),
+        Route("/v1/models", endpoint(list_models), methods=["GET"]),
+        Route("/v1/models/{model:path}", endpoint(get_model), methods=["GET"]),
+        Route("/info", endpoint(info), methods=["GET"]),
+        Route("/tokenize", endpoint(tokenize), methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.state.corom = state
@@ -451,6 +546,20 @@ def measure_rate(embedder: Embedder, batch: int = 16) -> float:
     """Texts/s of full-length texts on this machine (warms the session up too): the drain deadline's base."""
     text = " ".join(["measure"] * (embedder.artifact.max_length * 2))
     embedder.encode([text] * 2)
+def token_spans(embedder: Embedder, texts: list[str], prompt: str, special: bool) -> list[list[dict]]:
+    """TEI's /tokenize answer: per text (after `prompt`, cut at the model's window as it is embedded),
+    its tokens with their ids, their text (the special token's own for a special one) and character offsets."""
+    from corom_runtime.tokenization import _clean  # lone surrogates -> U+FFFD, as when embedding
+
+    tokenizer = embedder.tokenizer._tokenizer  # the truncating tokenizer the model's inputs come from
+    out = []
+    fulls = [_clean(prompt + t) for t in texts]
+    for full, e in zip(fulls, tokenizer.encode_batch(fulls, add_special_tokens=special)):
+        out.append([{"id": i, "text": tok if s else full[a:b], "special": bool(s), "start": a, "stop": b}
+                    for i, tok, s, (a, b) in zip(e.ids, e.tokens, e.special_tokens_mask, e.offsets)])
+    return out
+
+
     start = time.perf_counter()
     embedder.encode([text] * batch, batch_size=batch)
     return batch / max(time.perf_counter() - start, 1e-6)
@@ -477,7 +586,8 @@ def serve(args) -> int:
         max_connections=args.max_connections, drain_s=args.drain_seconds,
         batcher=BatcherSettings(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                                 max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                                inline_max_tokens=args.inline_max_tokens),
+                                inline_max_tokens=args.inline_max_tokens,
+                                inline_max_ms=getattr(args, "inline_max_ms", BatcherSettings.inline_max_ms)),
     )
     # settings are checked before the model loads: a bad flag fails in milliseconds, not after a load
     embedder = Embedder.load(args.model, variant=args.variant, device=args.device, threads=args.threads,

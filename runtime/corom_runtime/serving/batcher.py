@@ -11,7 +11,10 @@ caller's thread: there is nobody to batch it with, and handing it to the worker 
 thread wake-ups (0.15 ms of a 2.5 ms served query, docs/decisions.md). Requests arriving meanwhile
 queue as usual and the worker takes them when it is done. Only a caller that blocks anyway opts in
 (`encode`; the server for a request alone in flight): an event loop that ran every request inline
-would serialize them and never batch.
+would serialize them and never batch. An inline request blocks its caller for the inference: on an event
+loop, every other request and /health wait for it, so the server bounds inline work by *time* (the
+speed it measured at start, `seconds_per_token`), not by tokens alone, and never runs inline while the
+shape buckets compile (a first-hit compile takes far longer than the estimate).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -53,6 +56,10 @@ class BatcherSettings:
     # caller's thread (module doc); 0: every request goes through the worker. 512: a few ms of
     # inference at most, about what a request arriving meanwhile would wait for the worker anyway
     inline_max_tokens: int = 512
+    # and, where the batcher knows this machine's speed (`DynamicBatcher(seconds_per_token=...)`: the
+    # server measures it at start), at most this many milliseconds of estimated inference: the time an
+    # inline request holds the event loop (and /health). 0: never inline where the speed is known
+    inline_max_ms: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_batch_tokens", "max_queue"):
@@ -60,6 +67,9 @@ class BatcherSettings:
         inline = self.inline_max_tokens
         if isinstance(inline, bool) or not isinstance(inline, int) or inline < 0:
             raise InvalidInputError(f"batcher setting inline_max_tokens must be a whole number of at least 0, got {inline!r}")
+        ms = self.inline_max_ms
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not math.isfinite(ms) or not 0 <= ms <= MAX_WAIT_MS:
+            raise InvalidInputError(f"batcher setting inline_max_ms must be a finite number from 0 to {MAX_WAIT_MS}, got {ms!r}")
         wait = self.max_wait_ms
         # inf would make the worker wait forever (and time.sleep(inf) raises); nan never compares true
         if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not math.isfinite(wait) \
@@ -147,12 +157,18 @@ def decide(queue: Sequence[_Entry], settings: BatcherSettings, now: float, closi
     return Decision(take)
 
 
-def runs_inline(texts: int, longest: int, settings: BatcherSettings, idle: bool) -> bool:
+def runs_inline(texts: int, longest: int, settings: BatcherSettings, idle: bool, *,
+                seconds_per_token: float | None = None, warming: bool = False) -> bool:
     """Whether a request of `texts` texts (the longest `longest` tokens) whose caller allows it skips the
-    queue and runs in the caller's thread: only on an idle batcher, only a small request, and never when
-    the batcher is set to linger for company (`max_wait_ms` > 0)."""
-    return idle and settings.max_wait_ms == 0 and texts <= settings.max_batch_size \
-        and texts * longest <= settings.inline_max_tokens
+    queue and runs in the caller's thread: only on an idle batcher, only a small request, never when
+    the batcher is set to linger for company (`max_wait_ms` > 0), never while shape buckets compile
+    (`warming`), and, where this machine's speed is known (`seconds_per_token` of padded input), only
+    when its estimated inference fits `inline_max_ms`."""
+    padded = texts * longest
+    if warming or not idle or settings.max_wait_ms != 0 or texts > settings.max_batch_size \
+            or padded > settings.inline_max_tokens:
+        return False
+    return seconds_per_token is None or padded * seconds_per_token * 1000.0 <= settings.inline_max_ms
 
 
 class DynamicBatcher:
@@ -166,9 +182,14 @@ class DynamicBatcher:
     """
 
     def __init__(self, embedder: Embedder, settings: BatcherSettings = BatcherSettings(),
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, seconds_per_token: float | None = None) -> None:
         self.embedder = embedder
         self.settings = settings
+        # this machine's inference time per padded token (`runs_inline`'s time bound); None: unknown,
+        # inline requests are bounded by tokens alone (a caller blocking its own thread)
+        self.seconds_per_token = seconds_per_token
+        # True while the engine compiles shape buckets in the background (set by the server)
+        self.warming: Callable[[], bool] = lambda: False
         self.metrics = metrics or Metrics()
         self._queue: deque[_Entry] = deque()
         self._queued_texts = 0
@@ -219,7 +240,8 @@ class DynamicBatcher:
         checked = check_texts(texts)
         if len(checked) > self.settings.max_queue:
             raise RequestTooLargeError(f"{len(checked)} texts in one request, more than the queue holds "
-                                       f"(max_queue {self.settings.max_queue}): split it into smaller requests")
+                                       f"(max_queue {self.settings.max_queue}, server flag --max-queue): split it "
+                                       "into smaller requests")
         ticket = Ticket(Future())
         if not checked:
             ticket.future.set_result(np.empty((0, self.embedder.dim), dtype=np.float32))
@@ -233,7 +255,8 @@ class DynamicBatcher:
             items = ticket.plan.items
             if len(items) > self.settings.max_queue:
                 raise RequestTooLargeError(f"{len(checked)} texts make {len(items)} windows, more than the queue "
-                                           f"holds (max_queue {self.settings.max_queue}): split the request")
+                                           f"holds (max_queue {self.settings.max_queue}, server flag --max-queue): "
+                                           "split the request")
         ticket.timings.tokenize_s = time.perf_counter() - start
         ticket.token_count = sum(item.length for item in items)
         with self._cond:
@@ -247,7 +270,8 @@ class DynamicBatcher:
                 )
             longest = max(item.length for item in items)
             entry = _Entry(items, ticket, time.perf_counter(), longest)
-            inline = inline and runs_inline(len(items), longest, self.settings, not self._queue and not self._busy)
+            inline = inline and runs_inline(len(items), longest, self.settings, not self._queue and not self._busy,
+                                            seconds_per_token=self.seconds_per_token, warming=self.warming())
             if inline:
                 self._busy = True
             else:
