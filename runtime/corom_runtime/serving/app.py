@@ -475,6 +475,7 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings(),
         if not (settings.public_health or authorized(request.headers.get("authorization"), settings.api_key)):
             return error_response(401, "missing or wrong API key: /metrics needs 'Authorization: Bearer KEY'")
         text = state["batcher"].metrics.render() if state["batcher"] else ""
+        text += state["http_metrics"].render() if state.get("http_metrics") else ""  # the guard's, by route/status
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @contextlib.asynccontextmanager
@@ -513,7 +514,8 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings(),
         log.info("batcher drained; stopped")
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+        # exc.headers: a 405's Allow
+        return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", headers=exc.headers)
 
     routes = [
         Route("/v1/embeddings", endpoint(openai_embeddings), methods=["POST"]),
@@ -528,9 +530,11 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings(),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.state.corom = state
+    app.router.redirect_slashes = False  # '/health/' is a JSON 404, not a 307 to a Location built from the Host
     guard = RequestGuard(app, GuardSettings(settings.max_body_bytes, settings.body_timeout_s,
                                             settings.allowed_hosts, settings.allowed_origins))
     guard.state = state  # type: ignore[attr-defined]
+    state["http_metrics"] = guard.metrics
     return guard
 
 

@@ -201,7 +201,8 @@ class DynamicBatcher:
         m.counter("corom_requests_rejected_total", "Requests refused because the queue was full")
         m.counter("corom_requests_cancelled_total", "Requests dropped because the caller went away")
         m.counter("corom_requests_failed_total", "Requests that failed in inference")
-        m.counter("corom_texts_total", "Texts embedded")
+        m.counter("corom_texts_total", "Texts embedded (a chunked text counts once)")
+        m.counter("corom_windows_total", "Model inputs embedded: a text that fits is one, a chunked text one per window")
         m.counter("corom_batches_total", "Inferences run")
         m.counter("corom_inline_total", "Requests run in the caller's thread on an idle batcher")
         m.counter("corom_worker_errors_total", "Worker rounds that failed on an internal error")
@@ -393,7 +394,9 @@ class DynamicBatcher:
             return
         elapsed = time.perf_counter() - now
         self.metrics.inc("corom_batches_total")
-        self.metrics.inc("corom_texts_total", len(items))
+        self.metrics.inc("corom_windows_total", len(items))
+        self.metrics.inc("corom_texts_total", sum(len(e.ticket.plan.spans) if e.ticket.plan is not None
+                                                  else len(e.items) for e in entries))
         self.metrics.observe("corom_inference_seconds", elapsed)
         self.metrics.observe("corom_batch_texts", len(items))
         start = 0

@@ -60,7 +60,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._items: dict[str, Histogram | Counter] = {}
+        self._items: dict[str, Histogram | Counter | LabelledCounter] = {}
         self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
     def histogram(self, name: str, help: str, buckets: tuple[float, ...] = TIME_BUCKETS) -> None:
@@ -68,6 +68,17 @@ class Metrics:
 
     def counter(self, name: str, help: str) -> None:
         self._items.setdefault(name, Counter(name, help))
+
+    def labelled_counter(self, name: str, help: str, labels: tuple[str, ...]) -> None:
+        self._items.setdefault(name, LabelledCounter(name, help, labels))
+
+    def inc_labelled(self, name: str, key: tuple[str, ...], amount: float = 1.0) -> None:
+        with self._lock:
+            self._items[name].inc(key, amount)  # type: ignore[call-arg, arg-type]
+
+    def labelled_value(self, name: str, key: tuple[str, ...]) -> float:
+        with self._lock:
+            return self._items[name].values.get(key, 0.0)  # type: ignore[union-attr]
 
     def gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
         self._gauges[name] = (help, read)
@@ -91,3 +102,24 @@ class Metrics:
         for name, (help, read) in self._gauges.items():
             lines += [f"# HELP {name} {help}", f"# TYPE {name} gauge", f"{name} {read()}"]
         return "\n".join(lines) + "\n"
+
+
+@dataclass
+class LabelledCounter:
+    """A counter per combination of labels. The label values must come from a fixed set the server
+    chooses (route templates, status codes), never from the request: one series per value."""
+
+    name: str
+    help: str
+    labels: tuple[str, ...]
+    values: dict[tuple[str, ...], float] = field(default_factory=dict)
+
+    def inc(self, key: tuple[str, ...], amount: float = 1.0) -> None:
+        self.values[key] = self.values.get(key, 0.0) + amount
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
+        for key, value in sorted(self.values.items()):
+            pairs = ",".join(f'{label}="{v}"' for label, v in zip(self.labels, key))
+            lines.append(f"{self.name}{{{pairs}}} {value}")
+        return lines

@@ -46,15 +46,44 @@ async def _over_connection_bound(scope, receive, send) -> None:
 httptools_impl.service_unavailable = _over_connection_bound
 
 
+# heads are counted by the slice of bytes fed to the parser: a head is refused once the slices fed
+# while it was being parsed pass max_head_bytes + _SLICE (a head within the limit never is)
+_SLICE = 1024
+# how long a connection closed with a request body unread keeps reading (and dropping) it, so that
+# closing does not make the kernel send a reset that can overtake the answer
+_LINGER_S = 2.0
+
+
+class _CycleTransport:
+    """The transport as one request's cycle sees it: its `close()` (after an answer with Connection:
+    close) becomes the protocol's lingering close when the client may still be sending."""
+
+    def __init__(self, protocol) -> None:
+        self._protocol, self._transport = protocol, protocol.transport
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        self._protocol.close_after_answer()
+
+
 def guarded_protocol(timeout_s: float, max_head_bytes: int = 16 * 1024) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol, whose connections must send each request head within `timeout_s`
-    and `max_head_bytes` (request line and headers together: URL length and header count included)."""
+    and `max_head_bytes` (request line and headers together: URL length and header count included).
+
+    The head bound is counted on what the parser is fed while it is inside a head (parser callbacks
+    say where a head begins and ends), so bytes of a pipelined head that arrive while an earlier
+    request runs count, and body bytes never do. A refusal while a request runs waits for its answer."""
+    linger_s = min(timeout_s, _LINGER_S)
 
     class GuardedProtocol(HttpToolsProtocol):
         _head_timer = None
-        _head = b""
-        _reading_head = True
-        _discarding = False  # answered 400: what the client still sends is read and dropped
+        _in_head = False        # the parser is inside a request head
+        _head_bytes = 0         # bytes fed while in this head (by slices: see _SLICE)
+        _body_left: int | None = 0  # bytes of the current body still to come; None: unknown (chunked)
+        _discarding = False     # answered and closing: what the client still sends is read and dropped
+        _refusal: str | None = None  # a 400 to send once the request in progress has its answer
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -64,53 +93,120 @@ def guarded_protocol(timeout_s: float, max_head_bytes: int = 16 * 1024) -> type[
             if self._head_timer is not None:
                 self._head_timer.cancel()
             self._head_timer = self.loop.call_later(timeout_s, self._expired)
-            self._head, self._reading_head = b"", True
 
         def _expired(self) -> None:
             self._head_timer = None
             # no complete request head since the connection opened or the last answer, and none queued
-            waiting_for_head = self._reading_head and not self.pipeline \
-                and (self.cycle is None or self.cycle.response_complete)
-            if waiting_for_head and not self.transport.is_closing():
+            idle = not self.pipeline and (self.cycle is None or self.cycle.response_complete)
+            if idle and not self._discarding and not self.transport.is_closing():
                 log.info("closing connection from %s: no complete request head within %gs", self.client, timeout_s)
                 self.transport.close()
 
+        def _count(self, path: str | None, status: int) -> None:
+            count = getattr(self.config.app, "count", None)  # the RequestGuard's metrics
+            if count is not None:
+                count(path, status)
+
+        # -- the parser's callbacks: where heads and bodies begin and end --------------------------
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_head, self._head_bytes = True, 0
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            length = next((v for k, v in self.headers if k == b"content-length"), None)
+            if length is not None and length.strip().isdigit():
+                self._body_left = int(length)
+            else:
+                self._body_left = None if any(k == b"transfer-encoding" for k, _ in self.headers) else 0
+            super().on_headers_complete()
+            if self.cycle is not None:
+                self.cycle.transport = _CycleTransport(self)  # type: ignore[assignment]
+
+        def on_body(self, body: bytes) -> None:
+            if self._body_left:
+                self._body_left = max(0, self._body_left - len(body))
+            super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            self._body_left = 0
+            super().on_message_complete()
+
         def data_received(self, data: bytes) -> None:
-            if self._discarding:
+            if self._discarding or self._refusal is not None:
                 return
-            if self._reading_head:
-                # llhttp bounds no head size: count it ourselves, across the pieces it arrives in
-                self._head += data[: max_head_bytes + 4 - len(self._head)]
-                if b"\r\n\r\n" in self._head:
-                    self._head, self._reading_head = b"", False
-                elif len(self._head) > max_head_bytes:
-                    self.send_400_response(f"request head over {max_head_bytes} bytes")
+            view, pos = memoryview(data), 0
+            while pos < len(data):
+                # a Content-Length body is fed whole; heads and everything else by slices
+                step = self._body_left if (self._body_left and not self._in_head) else _SLICE
+                piece = bytes(view[pos:pos + step])
+                pos += len(piece)
+                super().data_received(piece)
+                if self._discarding or self._refusal is not None or self.transport.is_closing():
                     return
-            super().data_received(data)
+                if self._in_head:
+                    self._head_bytes += len(piece)
+                    if self._head_bytes > max_head_bytes + _SLICE:
+                        # llhttp bounds no head size: a 39 MB header would be buffered whole
+                        self.send_400_response(f"request head over {max_head_bytes} bytes")
+                        return
+
+        def _start_asgi_task(self, cycle, app) -> None:
+            if app is _over_connection_bound:
+                self._count(cycle.scope.get("path"), 503)
+            super()._start_asgi_task(cycle, app)
 
         def on_response_complete(self) -> None:
+            if self._discarding:  # closing: nothing queued behind the answer runs
+                self.server_state.total_requests += 1
+                return
+            if self._refusal is not None:
+                self.server_state.total_requests += 1
+                message, self._refusal = self._refusal, None
+                self.send_400_response(message)
+                return
             super().on_response_complete()
             self._arm()
 
-        def send_400_response(self, msg: str) -> None:
-            # a request the parser cannot take (a head over the limit, bad framing): the JSON shape too
-            headers, body = _json_error(400, f"malformed HTTP request ({msg.rstrip('.')}): "
-                                             "is a header, the URL or the head as a whole too large?")
-            head = b"HTTP/1.1 400 Bad Request\r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in headers) + b"\r\n"
+        def close_after_answer(self) -> None:
+            """An answer said Connection: close. With a request still arriving (an early 401/413/408 ...),
+            FIN and drop what comes for a moment rather than reset it; otherwise close now."""
+            if self._in_head or self._body_left != 0:
+                self._linger()
+            else:
+                self.transport.close()
+
+        def _linger(self) -> None:
             if self.transport.is_closing():
                 return
-            self.transport.write(head + body)
             if not self.transport.can_write_eof():
                 self.transport.close()
                 return
-            # closing now, with the rest of a large head unread, makes the kernel answer with a reset
-            # that can overtake the 400: send it and FIN, drop what still comes, close when the client
-            # does (or after the head timeout)
             self.transport.write_eof()
             self._discarding = True
+            self.flow.resume_reading()  # keep reading, so the kernel's buffer drains instead of resetting
             if self._head_timer is not None:
                 self._head_timer.cancel()
-            self._head_timer = self.loop.call_later(timeout_s, self.transport.close)
+            self._head_timer = self.loop.call_later(linger_s, self.transport.close)
+
+        def send_400_response(self, msg: str) -> None:
+            # a request the parser cannot take (a head over the limit, bad framing): the JSON shape too
+            if self.cycle is not None and not self.cycle.response_complete and not self._discarding:
+                # answered after the request in progress, not inside its answer; meanwhile what the
+                # client sends is read and dropped (pausing would leave it blocked, and us waiting)
+                self._refusal = msg
+                return
+            if self.transport.is_closing() or self._discarding:
+                return
+            self._count(None, 400)
+            headers, body = _json_error(400, f"malformed HTTP request ({msg.rstrip('.')}): "
+                                             "is a header, the URL or the head as a whole too large?")
+            head = b"HTTP/1.1 400 Bad Request\r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in headers) + b"\r\n"
+            self.transport.write(head + body)
+            # closing now, with the rest of a large head unread, makes the kernel answer with a reset
+            # that can overtake the 400: send it and FIN, drop what still comes, close when the client
+            # does (or after the linger)
+            self._linger()
 
         def connection_lost(self, exc) -> None:
             if self._head_timer is not None:
@@ -136,6 +232,9 @@ class DrainingServer(uvicorn.Server):
             self.forced = self.force_exit = True
             return
         self.drain_s = self.drain_of()
+        begin_shutdown = getattr(self.config.app, "begin_shutdown", None)  # the RequestGuard
+        if begin_shutdown is not None:
+            begin_shutdown()  # bodies still arriving get 503 now, not at the end of their body timeout
         # uvicorn cancels handlers still running at its own deadline: ours comes first, so they answer 503
         self.config.timeout_graceful_shutdown = int(self.drain_s) + 10
         log.info("signal %d: draining accepted requests for up to %.0fs", sig, self.drain_s)
