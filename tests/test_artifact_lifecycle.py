@@ -273,3 +273,89 @@ def test_an_interrupted_verify_leaves_a_loadable_artifact(tiny_copy, monkeypatch
     assert not (tiny_copy / before["check"]["file"]).exists()       # the old one, removed after the switch
     art = load_artifact(tiny_copy)
     assert art.check_set() is not None and art.quantization_vectors() is not None
+
+
+# -- caches keyed by content; the load-time check on every device ---------------------------------
+
+def test_the_verdict_cache_key_holds_the_variant_identity_and_the_engine_version():
+    from corom_runtime.cpu_check import Platform, cache_key
+
+    here = Platform(cpu="CPU", isa=("avx2",), engine="onnxruntime", engine_version="1.32.0")
+    key = cache_key("a" * 64, "c" * 64, "int8", here)
+    assert key != cache_key("b" * 64, "c" * 64, "int8", here)                         # identity
+    assert key != cache_key("a" * 64, "c" * 64, "int8", Platform(**{**here.__dict__, "engine_version": "1.33.0"}))
+    assert key != cache_key("a" * 64, "c" * 64, "int8", Platform(**{**here.__dict__, "device": "cuda:H100"}))
+    assert key != cache_key("a" * 64, "d" * 64, "int8", here)
+
+
+def test_an_unknown_platform_matches_no_record_and_no_cached_verdict(tmp_path):
+    from corom_runtime.cpu_check import CheckResult, Platform, cache_key, matching_record, read_cached, write_cached
+
+    unknown = Platform(cpu="x86_64", isa=(), engine="onnxruntime", engine_version="1.32.0", known=False)
+    assert matching_record([{**unknown.to_dict(), "passed": True}], unknown) is None
+    key = cache_key("a" * 64, "c" * 64, "int8", unknown)
+    write_cached(tmp_path, key, CheckResult("int8", unknown.to_dict(), True, []))
+    assert read_cached(tmp_path, key) is None and list(tmp_path.iterdir()) == []
+
+
+def test_load_caches_its_verdict_under_the_variant_identity(tiny_copy, tmp_path, monkeypatch):
+    from corom_runtime import Embedder
+    from corom_runtime.artifacts.identity import variant_identity
+    from corom_runtime.cpu_check import Platform, cache_key
+
+    monkeypatch.setenv("COROM_CACHE_DIR", str(tmp_path / "cache"))
+    m = json.loads(manifest_bytes(tiny_copy))
+    for entry in m["variants"].values():   # verified elsewhere: checked here, once, and cached
+        entry["verified_on"] = [{**r, "cpu": "another CPU"} for r in entry["verified_on"]]
+    (tiny_copy / "manifest.json").write_text(json.dumps(m))
+    emb = Embedder.load(tiny_copy, variant="opt", device="cpu", warmup=False)
+    assert emb.info.verified["source"] == "checked"
+    art = load_artifact(tiny_copy)
+    key = cache_key(variant_identity(art, "opt"), art.manifest.check["sha256"], "opt", Platform.here("onnxruntime"))
+    assert (tmp_path / "cache" / "checks" / f"{key}.json").is_file()
+    # a setting that changes vectors without changing a file is another variant: checked again
+    m["prompts"] = {"query": "q: "}
+    (tiny_copy / "manifest.json").write_text(json.dumps(m))
+    assert Embedder.load(tiny_copy, variant="opt", device="cpu", warmup=False).info.verified["source"] == "checked"
+
+
+def test_a_variant_that_falls_back_from_cuda_to_the_cpu_is_checked_as_a_cpu_one(tiny_copy, tmp_path, monkeypatch):
+    from corom_runtime import Embedder, embedder as embedder_module
+
+    monkeypatch.setenv("COROM_CACHE_DIR", str(tmp_path / "cache"))
+    m = json.loads(manifest_bytes(tiny_copy))
+    m["variants"]["opt"]["verified_on"] = [{**r, "cpu": "another CPU"} for r in m["variants"]["opt"]["verified_on"]]
+    (tiny_copy / "manifest.json").write_text(json.dumps(m))
+    # onnxruntime-gpu that lists CUDA but cannot run it: the session runs on the CPU provider
+    monkeypatch.setattr(embedder_module, "present_devices", lambda engines, want: ("cuda", "cpu"))
+    emb = Embedder.load(tiny_copy, variant="opt", device="cuda", allow_fallback=True, warmup=False)
+    assert emb.session.device == "cpu"
+    assert emb.info.verified and emb.info.verified["source"] == "checked"
+    assert emb.info.verified["platform"]["device"] == "cpu"
+
+
+def test_what_runs_on_tensorrt_is_recorded_and_gated_as_fp16():
+    from corom_runtime.catalog import gate_of
+    from corom_runtime.cpu_check import gate_run
+    from corom_runtime.engines.ort import precision_run
+
+    assert precision_run("fp32", "TensorrtExecutionProvider") == "fp16"
+    assert precision_run("fp32", "CUDAExecutionProvider") == "fp32"
+    assert gate_run("fp32", "fp16") == gate_of("fp16") and gate_run("int8", "int8") == gate_of("int8")
+
+
+def test_a_tensorrt_batch_above_the_profile_runs_in_slices():
+    import numpy as np
+
+    from corom_runtime.engines.ort import ORTSession
+
+    session = ORTSession.__new__(ORTSession)
+    seen: list[int] = []
+
+    def run(ids, mask):
+        seen.append(len(ids))
+        return ids[:, :1].astype(np.float32)
+    session._run, session._max_rows = run, 64
+    ids = np.arange(150)[:, None].repeat(3, axis=1)
+    out = session.run(ids, np.ones_like(ids))
+    assert seen == [64, 64, 22] and out[:, 0].tolist() == list(range(150))

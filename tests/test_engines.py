@@ -107,9 +107,12 @@ def test_choose_device():
 
 def test_openvino_compile_config():
     settings = SessionSettings(threads=3, cache_dir=Path("/c"))
-    bf16 = compile_config("cpu", "bf16", settings, ["FP32", "BF16", "INT8"])
+    identity = "ab" * 32
+    bf16 = compile_config("cpu", "bf16", settings, ["FP32", "BF16", "INT8"], identity)
     assert bf16["INFERENCE_PRECISION_HINT"] == "bf16" and bf16["INFERENCE_NUM_THREADS"] == 3
-    assert bf16["NUM_STREAMS"] == 1 and bf16["CACHE_DIR"] == "/c/openvino"
+    # keyed by the variant's content: OpenVINO's own key (path, size, mtime) ran a stale blob
+    assert bf16["NUM_STREAMS"] == 1 and bf16["CACHE_DIR"] == f"/c/openvino/{identity[:32]}"
+    assert "CACHE_DIR" not in compile_config("cpu", "bf16", settings, ["FP32"])  # unknown content: no cache
     # bounded (the default 5,000 grew RSS by GBs under unbucketed shapes), and large enough for every
     # shape bucket of a 512-token model at batches up to 64: no hot kernel is evicted
     assert bucket_shapes(512, 64) <= bf16["CPU_RUNTIME_CACHE_CAPACITY"] <= 1024

@@ -31,8 +31,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from corom_runtime.catalog import ENGINES, Gate
-from corom_runtime.machine import cpu_isa, cpu_model
+from corom_runtime.catalog import ENGINES, VARIANTS, Gate, gate_of
+from corom_runtime.machine import cpu_flags, cpu_isa, cpu_model
 from corom_runtime.parity import Parity, batch_invariance, compare
 
 log = logging.getLogger(__name__)
@@ -56,13 +56,20 @@ class Platform:
     isa: tuple[str, ...]
     engine: str
     engine_version: str
+    # where the variant runs: "cpu", or an accelerator with its name ("cuda:NVIDIA_H100", ...): a
+    # GPU's numerics are not the CPU's the artifact was verified on
+    device: str = "cpu"
+    # False where the CPU cannot be told apart (no /proc/cpuinfo: macOS, some containers): such a
+    # platform matches no record and no cached verdict; its variant is checked on every load
+    known: bool = True
 
     @classmethod
-    def here(cls, engine: str) -> "Platform":
-        return cls(cpu=cpu_model(), isa=cpu_isa(), engine=engine, engine_version=engine_version(engine))
+    def here(cls, engine: str, device: str = "cpu") -> "Platform":
+        return cls(cpu=cpu_model(), isa=cpu_isa(), engine=engine, engine_version=engine_version(engine),
+                   device=device, known=bool(cpu_flags()))
 
     def key(self) -> str:
-        text = json.dumps([self.cpu, list(self.isa), self.engine, self.engine_version])
+        text = json.dumps([self.cpu, list(self.isa), self.engine, self.engine_version, self.device])
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     def to_dict(self) -> dict:
@@ -70,12 +77,42 @@ class Platform:
 
 
 def matching_record(records: Sequence[dict], platform: Platform) -> dict | None:
-    """The manifest's `verified_on` record for `platform`, if the artifact was verified there. Pure."""
+    """The manifest's `verified_on` record for `platform`, if the artifact was verified there. Pure.
+    An unknown platform matches nothing (unknown means check, never match)."""
+    if not platform.known:
+        return None
     for record in records:
-        if (record.get("cpu"), tuple(record.get("isa") or ()), record.get("engine"), record.get("engine_version")) \
-                == (platform.cpu, platform.isa, platform.engine, platform.engine_version):
+        if record.get("known", True) is False:
+            continue
+        if (record.get("cpu"), tuple(record.get("isa") or ()), record.get("engine"), record.get("engine_version"),
+                record.get("device", "cpu")) \
+                == (platform.cpu, platform.isa, platform.engine, platform.engine_version, platform.device):
             return record
     return None
+
+
+def device_label(device: str) -> str:
+    """The `Platform.device` of a session's real device: "cpu", or the accelerator with its name."""
+    if device == "cpu":
+        return "cpu"
+    from corom_runtime.engines.ort import gpu_name
+
+    return f"{device}:{gpu_name()}"
+
+
+def gate_run(variant: str, precision_run: str) -> Gate:
+    """The gate for what really runs: a variant the engine runs at a lower precision than its own
+    (TensorRT's fp16 on the plain fp32 graph) is held to the gate of a variant of that precision, not
+    to its own (which it cannot meet) nor to none. Pure.
+
+    >>> gate_run("fp32", "fp16") == gate_of("fp16")
+    True
+    """
+    spec = VARIANTS.get(variant)
+    if spec is None or precision_run == spec.precision:
+        return gate_of(variant)
+    same = next((name for name, s in VARIANTS.items() if s.precision == precision_run and s.engine == spec.engine), None)
+    return gate_of(same) if same else gate_of(variant)
 
 
 @dataclass(frozen=True)
@@ -169,12 +206,19 @@ def canned_failures(embed: Callable[[list[str]], np.ndarray], check: CheckSet, g
 
 # -- the verdict cache ----------------------------------------------------------------------
 
-def cache_key(variant_sha256: str, check_sha256: str, variant: str, platform: Platform) -> str:
-    text = json.dumps([variant_sha256, check_sha256, variant, platform.key()])
+def cache_key(identity: str, check_sha256: str, variant: str, platform: Platform) -> str | None:
+    """The verdict cache's key: the variant's content identity (`artifacts.identity.variant_identity`:
+    files and the settings that change vectors), the check set, and the platform (CPU, flags, engine
+    and its version, device). None for an unknown platform: its verdict is never cached."""
+    if not platform.known:
+        return None
+    text = json.dumps([identity, check_sha256, variant, platform.key()])
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
-def read_cached(folder: Path, key: str) -> dict | None:
+def read_cached(folder: Path, key: str | None) -> dict | None:
+    if key is None:
+        return None
     try:
         data = json.loads((folder / f"{key}.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -182,8 +226,10 @@ def read_cached(folder: Path, key: str) -> dict | None:
     return data if isinstance(data, dict) and isinstance(data.get("passed"), bool) else None
 
 
-def write_cached(folder: Path, key: str, result: CheckResult) -> None:
+def write_cached(folder: Path, key: str | None, result: CheckResult) -> None:
     """Best effort: a read-only cache only means the check runs again next time."""
+    if key is None:
+        return
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{key}.{os.getpid()}.tmp"

@@ -13,9 +13,11 @@ import numpy as np
 from corom_runtime.artifacts.artifact import Artifact, load_artifact
 from corom_runtime.artifacts.presets import DEFAULT_PRESET
 from corom_runtime.batching import pad_batch, plan_batches
+from corom_runtime.artifacts.identity import variant_identity
 from corom_runtime.cpu_check import (CheckResult, CheckSet, Platform, cache_key, canned_failures, check_gate,
+                                     device_label, gate_run,
                                      matching_record, read_cached, run_check, timed, write_cached)
-from corom_runtime.catalog import ENGINES, engine_installed, gate_of
+from corom_runtime.catalog import ENGINES, engine_installed
 from corom_runtime.exporter import find_exporter
 from corom_runtime.errors import (ArtifactError, InvalidInputError, InvalidInputTypeError, MissingArtifactError,
                                   ProviderUnavailableError, VariantRejectedError, positive_int)
@@ -29,7 +31,7 @@ from corom_runtime.engines.registry import open_session
 from corom_runtime.progress import progress_bar
 from corom_runtime.shaping import (DTYPES, NEEDS_RANGES, Ranges, calibration_ranges, check_shape_options,
                                    shape_vectors, shaped_width)
-from corom_runtime.tokenization import TextTokenizer, TokenizedText, check_texts
+from corom_runtime.tokenization import MAX_WINDOWS, TextTokenizer, TokenizedText, check_texts
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +114,8 @@ class Shaping:
 class Chunking:
     """Over-length texts split into windows of the model's length instead of cut (what no peer does):
     `overlap` tokens shared by neighbouring windows, at most `max_windows` per text (a longer text is cut
-    after them, and reported truncated)."""
+    after them, and reported truncated; with truncate=False refused). `max_windows` is at most
+    `tokenization.MAX_WINDOWS` (1024)."""
 
     overlap: int = 32
     pool: str = "mean"
@@ -131,6 +134,10 @@ class Chunking:
         if isinstance(chunking.overlap, bool) or not isinstance(chunking.overlap, int) or chunking.overlap < 0:
             raise InvalidInputError(f"chunking overlap must be a whole number of tokens, got {chunking.overlap!r}")
         positive_int(chunking.max_windows, "chunking max_windows")
+        if chunking.max_windows > MAX_WINDOWS:  # windows are built per text: a bound before any is
+            raise InvalidInputError(f"chunking max_windows must be at most {MAX_WINDOWS} (windows of the model's "
+                                    f"length per text), got {chunking.max_windows}: split longer documents "
+                                    "before embedding them")
         if chunking.pool not in ("mean", "none"):
             raise InvalidInputError(f"chunking pool must be 'mean' or 'none', got {chunking.pool!r}")
         return chunking
@@ -215,7 +222,7 @@ class Embedder:
         spec = artifact.variants[variant]
         self.info = EmbedderInfo(
             artifact=str(artifact.path), model=artifact.name, variant=variant, engine=spec.engine,
-            precision=spec.precision, recipe=spec.recipe,
+            precision=getattr(session, "precision", None) or spec.precision, recipe=spec.recipe,
             device=session.device, providers=list(session.providers), threads=session.threads,
             max_length=artifact.max_length, dim=artifact.dim, pooling=artifact.pooling,
             normalize=artifact.normalize, score=artifact.score, parity=dict(spec.parity),
@@ -268,7 +275,8 @@ class Embedder:
             tokenizer = TextTokenizer.from_file(tokenizer_path, artifact.max_length)
         except Exception as exc:
             raise ArtifactError(f"{tokenizer_path} is not a valid tokenizer ({exc}); {artifact.rebuild_hint}") from exc
-        check_set = artifact.check_set() if verify_here and chosen_device == "cpu" else None
+        # on every device: a GPU (or a CPU fallback) runs other kernels than those verified
+        check_set = artifact.check_set() if verify_here else None
         rejected: list[str] = []
         for name in order:
             embedder = cls._open(artifact, name, chosen_device, settings, tokenizer)
@@ -304,7 +312,8 @@ class Embedder:
     def _open(cls, artifact: Artifact, name: str, device: str, settings: SessionSettings,
               tokenizer: TextTokenizer) -> "Embedder":
         model_path = artifact.check_variant(name)
-        session = open_session(artifact.variants[name], model_path, device, settings, artifact.max_length)
+        session = open_session(artifact.variants[name], model_path, device, settings, artifact.max_length,
+                               identity=variant_identity(artifact, name))
         # one tiny run always: it proves the graph's width is the manifest's (a wrong embedding_dim
         # would otherwise surface as a broadcasting error in the middle of someone's batch)
         probe = session.run(*pad_batch(tokenizer.encode(["warm up"]), artifact.pad_id))
@@ -317,9 +326,9 @@ class Embedder:
     def _verify_here(self, check: CheckSet) -> CheckResult:
         """This variant's gate on this platform: the canned texts always; then the manifest's record
         for this platform, else a cached verdict, else the check set, once (cached)."""
-        name, gate = self.variant, gate_of(self.variant)
+        name, gate = self.variant, gate_run(self.variant, self.info.precision)
         entry = self.artifact.variants[name]
-        platform = Platform.here(entry.engine)
+        platform = Platform.here(entry.engine, device_label(self.session.device))
         embed = lambda texts: self.embed_tokenized(self.tokenizer.encode(texts))  # noqa: E731
         canned = canned_failures(embed, check, gate)
         if canned:
@@ -329,7 +338,7 @@ class Embedder:
         if record is not None:
             return self._record(CheckResult(name, platform.to_dict(), bool(record.get("passed")),
                                             list(record.get("failures") or []), source="manifest"))
-        key = cache_key(entry.sha256, self.artifact.manifest.check["sha256"], name, platform)
+        key = cache_key(variant_identity(self.artifact, name), self.artifact.manifest.check["sha256"], name, platform)
         folder = cache_root() / "checks"
         with cache_lock(f"check-{key}"):
             cached = read_cached(folder, key)
@@ -563,7 +572,8 @@ class Embedder:
                 items = self.tokenize(chunk, prefix, cut)
                 vectors = self.embed_tokenized(items, batch_size, max_batch_tokens)
             else:
-                items, vectors = self._embed_chunked(chunk, prefix, chunks, batch_size, max_batch_tokens)
+                items, vectors = self._embed_chunked(chunk, prefix, chunks, batch_size, max_batch_tokens,
+                                                     cut.truncate if cut is not None else True)
             if normalize_embeddings:
                 vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
             if shaping is not None:
@@ -574,28 +584,37 @@ class Embedder:
             start += len(chunk)
 
     def _embed_chunked(self, texts: list[str], prefix: str, chunks: Chunking, batch_size: int,
-                       max_batch_tokens: int | None) -> tuple[list[TokenizedText], np.ndarray]:
+                       max_batch_tokens: int | None, truncate: bool = True) -> tuple[list[TokenizedText], np.ndarray]:
         """Texts that fit as they are; the others as windows, all in the same length-sorted batches;
         each over-length text's windows averaged (and re-normalized where the model normalizes)."""
-        plan = self.chunk_plan(texts, prefix, chunks)
+        plan = self.chunk_plan(texts, prefix, chunks, truncate=truncate)
         return plan.reports, plan.pool(self.embed_tokenized(plan.items, batch_size, max_batch_tokens))
 
-    def chunk_plan(self, texts: Sequence[str], prefix: str, chunks: Chunking) -> "ChunkPlan":
+    def chunk_plan(self, texts: Sequence[str], prefix: str, chunks: Chunking, truncate: bool = True,
+                   max_windows_total: int | None = None) -> "ChunkPlan":
         """What to embed for `texts` under `chunks`: every window (a text that fits is its own one) and
-        which text each belongs to. The batcher queues the windows; `plan.pool(rows)` gives the texts."""
-        items = self.tokenize(texts, prefix)
-        over = [i for i, item in enumerate(items) if item.truncated]
-        split = self.tokenizer.split_windows([texts[i] for i in over], prefix, chunks.overlap,
-                                             chunks.max_windows) if over else []
-        flat = [item for item in items if not item.truncated]
-        owner = [i for i, item in enumerate(items) if not item.truncated]
-        reports = list(items)
-        spans: list[list[tuple[int, int]]] = [[(0, len(t))] for t in texts]
-        for i, (windows, text_spans, was_cut) in zip(over, split):
+        which text each belongs to. The batcher queues the windows; `plan.pool(rows)` gives the texts.
+
+        Windows are counted from token counts before any is built: `truncate=False` refuses a text that
+        needs more than `chunks.max_windows` (`TextTooLongError`), and `max_windows_total` (a queue's
+        bound) a request that needs more in all (`RequestTooLargeError`)."""
+        split = self.tokenizer.split_windows(texts, prefix, chunks.overlap, chunks.max_windows, truncate=truncate,
+                                             max_total=max_windows_total)
+        flat: list[TokenizedText] = []
+        owner: list[int] = []
+        reports: list[TokenizedText] = []
+        over: list[int] = []
+        spans: list[list[tuple[int, int]]] = []
+        for i, ((windows, text_spans, was_cut), text) in enumerate(zip(split, texts)):
             flat += windows
             owner += [i] * len(windows)
-            reports[i] = TokenizedText(ids=[t for w in windows for t in w.ids], truncated=was_cut)
-            spans[i] = text_spans
+            if len(windows) == 1 and not was_cut:  # it fits: its one window is what `encode` gives it
+                reports.append(windows[0])
+                spans.append([(0, len(text))])
+            else:
+                over.append(i)
+                reports.append(TokenizedText(ids=[t for w in windows for t in w.ids], truncated=was_cut))
+                spans.append(text_spans)
         return ChunkPlan(flat, np.asarray(owner, dtype=np.int64), reports, over, self.artifact.normalize, spans)
 
     def encode_chunks(self, texts: Sequence[str], overlap: int = 32, max_windows: int = 32,

@@ -52,7 +52,15 @@ def openvino_devices() -> list[str]:
     return [name for name, ov_name in OV_DEVICE.items() if ov_name in seen]
 
 
-def compile_config(device: str, precision: str, settings: SessionSettings, capabilities: list[str]) -> dict:
+def model_cache_dir(settings: SessionSettings, identity: str) -> Path:
+    """OpenVINO's CACHE_DIR for one variant. OpenVINO keys a compiled blob on the model's path, size
+    and mtime, not its content (a model copied over another at the same path, size and mtime ran the
+    other's blob: cos 0.66), so each variant content gets a folder of its own."""
+    return settings.cache_dir / "openvino" / identity[:32]
+
+
+def compile_config(device: str, precision: str, settings: SessionSettings, capabilities: list[str],
+                   identity: str | None = None) -> dict:
     """OpenVINO compile properties for one variant (a pure function, tested without OpenVINO).
 
     One stream and the latency hint: batches come one at a time from our batcher, and one stream
@@ -60,7 +68,9 @@ def compile_config(device: str, precision: str, settings: SessionSettings, capab
     has it (else f32: an emulated bf16 is slower and no more faithful). int8 graphs keep their
     non-quantized ops in bf16 too.
     """
-    config: dict = {"PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": str(settings.cache_dir / "openvino")}
+    config: dict = {"PERFORMANCE_HINT": "LATENCY"}
+    if identity:  # no identity, no cache: a path-keyed blob could be another model's
+        config["CACHE_DIR"] = str(model_cache_dir(settings, identity))
     if device == "cpu":
         wanted = OV_PRECISION[precision]
         if wanted == "bf16" and "BF16" not in capabilities:
@@ -78,7 +88,7 @@ class OpenVINOSession:
     infer request from a pool (created on demand), so concurrent callers never share buffers."""
 
     def __init__(self, model_path: Path, device: str, settings: SessionSettings, precision: str,
-                 max_length: int) -> None:
+                 max_length: int, identity: str | None = None) -> None:
         ov = import_openvino()
         self.device = device
         self.max_length = max_length
@@ -90,9 +100,10 @@ class OpenVINOSession:
             capabilities = list(core.get_property(target, "OPTIMIZATION_CAPABILITIES"))
         except RuntimeError as exc:
             raise ProviderUnavailableError(f"OpenVINO has no {target} device on this machine ({exc})") from exc
-        config = compile_config(device, precision, settings, capabilities)
+        config = compile_config(device, precision, settings, capabilities, identity)
         try:
-            (settings.cache_dir / "openvino").mkdir(parents=True, exist_ok=True)
+            if "CACHE_DIR" in config:
+                Path(config["CACHE_DIR"]).mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a read-only cache: compile every time rather than fail
             log.info("no OpenVINO model cache in %s (%s)", settings.cache_dir, exc)
             config.pop("CACHE_DIR")

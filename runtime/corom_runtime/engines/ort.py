@@ -89,7 +89,8 @@ def tensorrt_version() -> str:
 
 
 def trt_cache_dir(settings: SessionSettings, model_sha256: str) -> Path:
-    """Engine and timing caches are valid for one model, one GPU and one TensorRT version only."""
+    """Engine and timing caches are valid for one model (its content identity), one GPU and one
+    TensorRT version only."""
     key = hashlib.sha256(f"{model_sha256}|{gpu_name()}|{tensorrt_version()}".encode()).hexdigest()[:16]
     return settings.cache_dir / "tensorrt" / key
 
@@ -108,7 +109,7 @@ def provider_list(device: str, settings: SessionSettings, model_sha256: str, max
         return f"input_ids:{batch}x{length},attention_mask:{batch}x{length}"
 
     trt = ("TensorrtExecutionProvider", {
-        "trt_fp16_enable": True,
+        "trt_fp16_enable": TRT_FP16,
         "trt_layer_norm_fp32_fallback": True,
         "trt_engine_cache_enable": True,
         "trt_engine_cache_path": str(cache),
@@ -122,6 +123,22 @@ def provider_list(device: str, settings: SessionSettings, model_sha256: str, max
     return [trt, cuda, "CPUExecutionProvider"]
 
 
+# TensorRT builds its engine in fp16 (LayerNorm kept fp32) from whatever graph it is given: what runs
+# is fp16 whatever the variant's name says (`precision_run`), and it is held to the fp16 gate.
+TRT_FP16 = True
+
+
+def precision_run(variant_precision: str, provider: str) -> str:
+    """The precision that really runs a variant on `provider`. Pure.
+
+    >>> precision_run("fp32", "TensorrtExecutionProvider"), precision_run("fp32", "CPUExecutionProvider")
+    ('fp16', 'fp32')
+    """
+    if provider == PROVIDER_OF["tensorrt"] and TRT_FP16 and variant_precision == "fp32":
+        return "fp16"
+    return variant_precision
+
+
 def device_of_provider(provider: str) -> str:
     """Our device name for an ONNX Runtime provider name ("cpu" for any provider we do not drive). Pure."""
     return next((device for device, name in PROVIDER_OF.items() if name == provider), "cpu")
@@ -131,7 +148,7 @@ class ORTSession:
     """Runs the sentence-embedding graph on ONNX Runtime. Thread-safe: ONNX Runtime's `run` may be called concurrently."""
 
     def __init__(self, model_path: Path, device: str, settings: SessionSettings, model_sha256: str,
-                 max_length: int) -> None:
+                 max_length: int, precision: str = "fp32") -> None:
         self.device = device
         self.threads = settings.resolved_threads()
         import onnxruntime as ort  # here, not at import: a process running OpenVINO never needs it
@@ -152,8 +169,18 @@ class ORTSession:
         # IO binding on GPUs: inputs go to the device once, the output is written straight into host
         # memory ORT allocates; no intermediate tensor is copied back.
         self._bind = device in ("cuda", "tensorrt") and self.providers[0] != "CPUExecutionProvider"
+        self.precision = precision_run(precision, self.providers[0] if self.providers else "")
+        # TensorRT's shape profile ends at trt_max_batch rows: a larger batch runs in slices of it
+        self._max_rows = settings.trt_max_batch if self.device == "tensorrt" else None
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        rows = self._max_rows
+        if rows and len(input_ids) > rows:  # rows are independent (batch invariance is gated)
+            return np.concatenate([self._run(input_ids[i:i + rows], attention_mask[i:i + rows])
+                                   for i in range(0, len(input_ids), rows)])
+        return self._run(input_ids, attention_mask)
+
+    def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         feed = build_feed(self.inputs, input_ids, attention_mask)
         if not self._bind:
             return self._session.run([OUTPUT], feed)[0]

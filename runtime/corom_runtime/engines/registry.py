@@ -12,10 +12,13 @@ from corom_runtime.engines.settings import SessionSettings
 
 
 def open_session(entry: VariantEntry, model_path: Path, device: str, settings: SessionSettings,
-                 max_length: int) -> EncoderSession:
-    """Open `entry`'s graph on `device` with the engine the manifest names."""
+                 max_length: int, identity: str | None = None) -> EncoderSession:
+    """Open `entry`'s graph on `device` with the engine the manifest names. `identity`
+    (`artifacts.identity.variant_identity`) keys the engine's compiled-model caches by content; None:
+    the graph's checksum (OpenVINO then compiles without a cache)."""
     if entry.engine == "openvino":
         from corom_runtime.engines.openvino import OpenVINOSession
 
-        return OpenVINOSession(model_path, device, settings, entry.precision, max_length)
-    return ORTSession(model_path, device, settings, entry.sha256, max_length)
+        return OpenVINOSession(model_path, device, settings, entry.precision, max_length, identity=identity)
+    return ORTSession(model_path, device, settings, identity or entry.sha256, max_length,
+                      precision=entry.precision)
