@@ -178,7 +178,7 @@ class CoromReplica:
         self.corom_app = create_app(self.embedder, config.server, warm_buckets=config.warm_buckets)
 
     def __serve_build_asgi_app__(self):
-        return self.corom_app
+        return _tagged(self.corom_app, f"{_replica_id()}/{os.getpid()}")
 
     def check_health(self) -> None:
         """Ray's health probe: a replica whose batch worker is gone is replaced."""
@@ -186,6 +186,36 @@ class CoromReplica:
         batcher = state.get("batcher")
         if state.get("ready") and (batcher is None or not batcher.healthy):
             raise RuntimeError("the replica's batch worker is not running")
+
+
+REPLICA_HEADER = b"x-corom-replica"
+
+
+def _replica_id() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside a replica (tests): the pid alone
+        return "local"
+
+
+def _tagged(app, tag: str):
+    """`app`, whose answers say which replica (Ray id / pid) gave them: for logs, load checks and tests."""
+    value = tag.encode()
+
+    async def tagged(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+
+        async def tagging_send(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (REPLICA_HEADER, value)]}
+            await send(message)
+
+        await app(scope, receive, tagging_send)
+
+    return tagged
 
 
 def deployment_options(config: RayServeConfig) -> dict[str, Any]:
@@ -307,7 +337,8 @@ PROXY_ERRORS: dict[int, tuple[int, str]] = {
                "the other replicas are serving and a replacement is starting"),
     503: (503, "no replica can take this request now (all busy, starting or stopping): retry later"),
     408: (408, "the request timed out in the Ray proxy"),
-    404: (404, "no application is serving this path yet"),
+    # route "/" takes every path: the proxy finds no route only while no application is deployed
+    404: (503, "the server is starting or stopping: retry"),
 }
 
 
@@ -322,9 +353,12 @@ class ProxyErrors:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         rewriting: list[int] = []
+        started = False
 
         async def reshaping_send(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 status = int(message["status"])
                 headers = {k.lower(): v for k, v in message.get("headers", [])}
                 if status >= 400 and not headers.get(b"content-type", b"").startswith(b"application/json"):
@@ -337,7 +371,14 @@ class ProxyErrors:
                 return
             await send(message)
 
-        await self.app(scope, receive, reshaping_send)
+        try:
+            await self.app(scope, receive, reshaping_send)
+        except Exception:  # noqa: BLE001 - the proxy failed this request: it still gets an answer
+            log.exception("the Ray proxy failed a request")
+        if not started:
+            # Ray's proxy answers a replica lost under the request by sending nothing (uvicorn would
+            # then write a plain-text 500): the one JSON shape, as a retryable 503
+            await _send_error(send, *PROXY_ERRORS[500])
 
 
 async def _send_error(send, status: int, message: str) -> None:
@@ -461,7 +502,14 @@ def stop() -> None:
     serve = import_serve()
     import ray
 
+    if not ray.is_initialized():  # stopped already
+        return
     try:
+        # the application first: each replica finishes what it holds (Ray waits for its requests, then
+        # our lifespan drains the batcher) while the proxy still carries the answers back; requests
+        # arriving meanwhile get 503. Shutting Serve down at once would close the proxy's connections
+        # under requests in flight (measured: 'Server disconnected without sending a response').
+        serve.delete(APP_NAME, _blocking=True)
         serve.shutdown()
     finally:
         if ray.is_initialized():
