@@ -51,13 +51,53 @@ class Parity:
         return asdict(self)
 
 
-def top_k(queries: np.ndarray, passages: np.ndarray, score: str, k: int = 10) -> np.ndarray:
+def scores(queries: np.ndarray, passages: np.ndarray, score: str) -> np.ndarray:
+    """Every query's score with every passage, `[queries, passages]` (cosine or dot)."""
     if score == "cosine":
         queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
         passages = passages / np.maximum(np.linalg.norm(passages, axis=1, keepdims=True), 1e-12)
-    scores = queries @ passages.T
+    return queries @ passages.T
+
+
+def top_k(queries: np.ndarray, passages: np.ndarray, score: str, k: int = 10) -> np.ndarray:
     k = min(k, passages.shape[0])
-    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.argsort(-scores(queries, passages, score), axis=1, kind="stable")[:, :k]
+
+
+# A tie is granted only to a variant whose own score error on the query is this small against the
+# query's largest score: a variant that measurably moves scores gets the strict count, so near ties
+# never loosen the gate for a variant that really disagrees (1e-4: the `exact` tier's 1 - min cosine).
+TIE_ERROR = 1e-4
+
+
+def top_k_agreement(reference: np.ndarray, candidate: np.ndarray, k: int = 10, tie_error: float = TIE_ERROR,
+                    scale: np.ndarray | None = None) -> float:
+    """Mean share of each query's top-k (by `candidate` scores) that agrees with the reference's top-k.
+
+    `reference` and `candidate` are score matrices `[queries, passages]`. A neighbour outside the
+    reference's top-k still agrees where the reference cannot tell it from its k-th (their reference
+    scores differ by no more than the variant's measured score error on that query allows), provided that
+    error is below `tie_error` of the query's score scale (`scale[q]`: for dot scores |q| x the largest
+    |p|; default the row's largest |score|); otherwise only the reference's own top-k counts.
+
+    >>> ref = np.array([[0.9, 0.8, 0.5000001, 0.5]]); cand = np.array([[0.9, 0.8, 0.4999999, 0.5]])
+    >>> top_k_agreement(ref, cand, k=3), top_k_agreement(ref, np.array([[0.9, 0.3, 0.5000001, 0.5]]), k=3)
+    (1.0, 0.6666666666666666)
+    """
+    reference, candidate = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
+    k = min(k, reference.shape[1])
+    ref_top = np.argsort(-reference, axis=1, kind="stable")[:, :k]
+    cand_top = np.argsort(-candidate, axis=1, kind="stable")[:, :k]
+    shares = []
+    for row, (ref_row, cand_row) in enumerate(zip(ref_top, cand_top)):
+        error = float(np.abs(candidate[row] - reference[row]).max())
+        row_scale = float(scale[row]) if scale is not None else float(np.abs(reference[row]).max())
+        # two scores each off by at most `error` can swap when their reference gap is under twice it
+        tolerance = 2 * error if error <= tie_error * row_scale else 0.0
+        kth, ref_set = reference[row, ref_row[-1]], set(ref_row.tolist())
+        agreed = sum(1 for p in cand_row.tolist() if p in ref_set or reference[row, p] >= kth - tolerance)
+        shares.append(agreed / k)
+    return float(np.mean(shares)) if shares else 1.0
 
 
 def batch_invariance(alone: np.ndarray, in_batches: np.ndarray) -> float:
@@ -72,9 +112,11 @@ def compare(reference: np.ndarray, candidate: np.ndarray, n_queries: int, score:
     cos = cosine_rows(reference, safe)
     agreement = 1.0
     if 0 < n_queries < len(reference):
-        ref_top = top_k(reference[:n_queries], reference[n_queries:], score)
-        cand_top = top_k(safe[:n_queries], safe[n_queries:], score)
-        agreement = float(np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(ref_top, cand_top)]))
+        queries, passages = reference[:n_queries], reference[n_queries:]
+        scale = (np.ones(n_queries) if score == "cosine" else
+                 np.linalg.norm(queries, axis=1) * np.linalg.norm(passages, axis=1).max())
+        agreement = top_k_agreement(scores(queries, passages, score), scores(safe[:n_queries], safe[n_queries:], score),
+                                    scale=scale)
     return Parity(
         min_cosine=float(cos.min()),
         mean_cosine=float(cos.mean()),
