@@ -94,10 +94,11 @@ def test_encode_query_and_document_without_prompts_are_plain_encode(emb, st_mode
 def test_encode_query_and_document_pick_the_prompt_sentence_transformers_picks(emb, st_model, prompts):
     prompted = with_prompts(emb, prompts)
     saved, st_model.prompts = st_model.prompts, dict(prompts)
+    texts = TEXTS[:2]
     try:
         for ours, theirs in ((prompted.encode_query, st_model.encode_query),
                              (prompted.encode_document, st_model.encode_document)):
-            assert cosines(ours(TEXTS), theirs(TEXTS)).min() > 0.99999
+            assert cosines(ours(texts), theirs(texts)).min() > 0.99999
         # an explicit prompt wins over the default one, in both
         assert np.allclose(prompted.encode_query(TEXTS, prompt="x: "), emb.encode(["x: " + t for t in TEXTS]),
                            atol=1e-6)
@@ -105,3 +106,90 @@ def test_encode_query_and_document_pick_the_prompt_sentence_transformers_picks(e
         st_model.prompts = saved
     if "query" in prompts:
         assert np.allclose(prompted.encode_query(TEXTS), emb.encode([prompts["query"] + t for t in TEXTS]), atol=1e-6)
+
+
+# -- real clients against a real `corom serve` -----------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(bundled_artifact):
+    """One `corom serve` process for the module, with its default limits (what a user starts)."""
+    proc, url = start_server(["--model", str(bundled_artifact), "--variant", VARIANT, "--device", "cpu"], free_port())
+    try:
+        assert proc.poll() is None, f"corom serve exited with {proc.returncode}"
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def assert_same_vectors(got, texts: list[str], emb: Embedder) -> None:
+    got = np.asarray(got, dtype=np.float32)
+    assert got.shape == (len(texts), emb.dim)
+    assert np.allclose(got, emb.encode(texts), atol=1e-6)
+
+
+def corpus(n: int) -> list[str]:
+    """`n` distinct texts of a few tokens (cheap to embed: the test is about the requests)."""
+    words = EXAMPLE_SOURCE.split()
+    return [f"{words[i % len(words)]} {i}" for i in range(n)]
+
+
+def test_langchain_openai_embeddings_in_its_default_chunks(served, emb):
+    from langchain_openai import OpenAIEmbeddings
+
+    client = OpenAIEmbeddings(model="all-minilm-l6-v2", base_url=served + "/v1", api_key="unused",
+                              check_embedding_ctx_length=False)
+    assert client.chunk_size == 1000  # LangChain's default: 1,000 texts in one request (OpenAI allows 2,048)
+    texts = corpus(1001)              # two requests: 1,000 and 1
+    got = np.asarray(client.embed_documents(texts))
+    assert got.shape == (len(texts), emb.dim)
+    sample = [*range(8), 998, 999, 1000]  # both requests' ends, in order (opt's rows do not depend on batch mates)
+    assert_same_vectors(got[sample], [texts[i] for i in sample], emb)
+    assert_same_vectors([client.embed_query(EXAMPLE_SOURCE)], [EXAMPLE_SOURCE], emb)
+
+
+def test_langchain_default_token_ids_get_a_400_naming_the_setting(served, monkeypatch):
+    """LangChain's default (check_embedding_ctx_length=True) sends OpenAI tiktoken ids, which mean
+    nothing to this model: the server must say which setting to turn off, not embed garbage."""
+    import openai
+    import tiktoken
+    from langchain_openai import OpenAIEmbeddings
+
+    # tiktoken downloads its vocabularies: a byte-level one, built here, sends the same kind of request
+    offline = tiktoken.Encoding(name="bytes", pat_str=r"\S+|\s+", special_tokens={},
+                                mergeable_ranks={bytes([i]): i for i in range(256)})
+    monkeypatch.setattr(tiktoken, "encoding_for_model", lambda name: offline)
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: offline)
+    client = OpenAIEmbeddings(model="all-minilm-l6-v2", base_url=served + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="check_embedding_ctx_length"):
+        client.embed_documents(["hello world"])
+
+
+def test_llamaindex_tei_and_openai_like(served, emb):
+    from llama_index.embeddings.openai_like import OpenAILikeEmbedding
+    from llama_index.embeddings.text_embeddings_inference import TextEmbeddingsInference
+
+    tei = TextEmbeddingsInference(model_name="all-minilm-l6-v2", base_url=served, embed_batch_size=8)
+    assert_same_vectors(tei.get_text_embedding_batch(TEXTS), TEXTS, emb)
+    assert_same_vectors([tei.get_query_embedding(EXAMPLE_SOURCE)], [EXAMPLE_SOURCE], emb)
+    like = OpenAILikeEmbedding(model_name="all-minilm-l6-v2", api_base=served + "/v1", api_key="unused")
+    assert_same_vectors(like.get_text_embedding_batch(TEXTS), TEXTS, emb)
+
+
+def test_haystack_openai_embedders(served, emb, monkeypatch):
+    monkeypatch.setenv("HAYSTACK_TELEMETRY_ENABLED", "False")  # no posthog calls from a test
+    from haystack import Document
+    from haystack.components.embedders import OpenAIDocumentEmbedder, OpenAITextEmbedder
+    from haystack.utils import Secret
+
+    options = dict(api_key=Secret.from_token("unused"), api_base_url=served + "/v1", model="all-minilm-l6-v2")
+    docs = OpenAIDocumentEmbedder(**options).run(documents=[Document(content=t) for t in TEXTS])["documents"]
+    assert_same_vectors([d.embedding for d in docs], TEXTS, emb)
+    query = OpenAITextEmbedder(**options).run(text=EXAMPLE_SOURCE)["embedding"]
+    assert_same_vectors([query], [EXAMPLE_SOURCE], emb)
