@@ -78,8 +78,9 @@ def test_text_problem_and_survey_name_every_bad_row():
     rows = [Row(id="a", text="fine", line=1), Row(id="b", text="", line=2), Row(id="c", text=5, line=3),
             Row(id=3, text=None, line=4, problem="not valid JSON"), Row(id="a", text="again", line=5)]
     found = survey(iter(rows))
-    assert (found.rows, found.bad, found.id_type) == (2, 3, "str")
-    assert found.bad_examples[0] == "line 2 (id 'b'): text is empty"
+    # a blank text is skipped and counted, not a bad row
+    assert (found.rows, found.bad, found.blank, found.id_type) == (2, 2, 1, "str")
+    assert found.bad_examples[0] == "line 3 (id 'c'): text is int, not a string"
     assert found.duplicate_ids == ["line 5 repeats the id of line 1"]
 
 
@@ -130,14 +131,15 @@ def test_bad_rows_stop_the_job_before_anything_is_written(fp32, tmp_path):
     with pytest.raises(CoromError) as exc:
         embed_corpus(options, lambda _: fp32, progress=False)
     message = str(exc.value)
-    for part in ("5 row(s) cannot be embedded", "line 2 (id 'b'): text is empty", "line 3", "not valid JSON",
-                 "line 4 (id 'd'): text is int", "line 5 (id 'e'): text is missing", "id field 'doc_id' is missing",
+    for part in ("4 row(s) cannot be embedded", "line 3", "not valid JSON", "line 4 (id 'd'): text is int",
+                 "1 row(s) have no field 'body' (line 5); their keys: doc_id", "id field 'doc_id' is missing",
                  "--skip-bad"):
         assert part in message
+    assert "line 2" not in message  # the blank text is skipped and counted, not a bad row
     assert not (tmp_path / "out").exists()
     summary = embed_corpus(BulkOptions(src, tmp_path / "out", text_field="body", id_field="doc_id", skip_bad=True),
                            lambda _: fp32, progress=False)
-    assert (summary.rows, summary.skipped_bad) == (1, 5)
+    assert (summary.rows, summary.skipped_bad, summary.skipped_blank) == (1, 4, 1)
     assert read_output(tmp_path / "out")[0] == ["a"]
 
 
@@ -195,11 +197,13 @@ def test_cli_single_npy_and_errors(bundled_artifact, tmp_path, capsys):
     src = tmp_path / "in.txt"
     src.write_text("one\n\nthree\n")
     model = ["--model", str(bundled_artifact), "--variant", "fp32"]
-    assert corom(["embed", *model, "--file", str(src), "--output", str(tmp_path / "e.npy")]) == 2
-    err = capsys.readouterr().err
-    assert "line 2 (id 1): text is empty" in err and not (tmp_path / "e.npy").exists()
-    assert corom(["embed", *model, "--file", str(src), "--output", str(tmp_path / "e.npy"), "--skip-bad", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["skipped_bad"] == 1
+    # a blank line is skipped and counted, without --skip-bad
+    assert corom(["embed", *model, "--file", str(src), "--output", str(tmp_path / "e.npy"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["skipped_blank"], summary["skipped_bad"]) == (1, 0)
+    # the summary names the files written, not the .parts folder assembled and removed
+    assert summary["output"] == str(tmp_path / "e.npy")
+    assert summary["files"] == [str(tmp_path / "e.npy"), str(tmp_path / "e.npy.jsonl")]
     assert np.load(tmp_path / "e.npy").shape == (2, 384)
     assert [json.loads(l)["id"] for l in (tmp_path / "e.npy.jsonl").read_text().splitlines()] == [0, 2]
     assert not (tmp_path / "e.npy.parts").exists()

@@ -76,14 +76,22 @@ def _corpus_job(args: argparse.Namespace) -> bool:
     return bool(args.output) and not args.output.endswith(".jsonl") and args.output != "-"
 
 
+class UsageError(CoromError):
+    """A command given without what it needs: exit 2, as argparse's own usage errors."""
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     if _corpus_job(args):
         return _embed_corpus(args)
+    if not args.texts and not args.file and sys.stdin.isatty():  # nothing given: say how, do not wait on a terminal
+        raise UsageError("no text to embed: give texts as arguments (corom embed \"some text\"), --file PATH, "
+                         "or pipe lines on stdin (cat lines.txt | corom embed)")
+    texts = _read_texts(args)
     embedder = _load(args)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     with out if args.output else contextlib.nullcontext(out):
         pending: deque[str] = deque()  # the texts of the window being embedded, to echo beside their vectors
-        for window in embedder.encode_iter(_tee(_read_texts(args), pending), batch_size=args.batch_size,
+        for window in embedder.encode_iter(_tee(texts, pending), batch_size=args.batch_size,
                                            prompt_name=args.prompt_name, truncate_dim=args.truncate_dim,
                                            precision=args.precision, truncate=args.truncate,
                                            truncation_direction=args.truncation_direction,
@@ -110,6 +118,11 @@ def _embed_corpus(args: argparse.Namespace) -> int:
                          "texts on the command line or stdin go to JSON lines (no --output, or NAME.jsonl)")
     single_npy = args.output.endswith(".npy")
     output = Path(args.output + ".parts") if single_npy else Path(args.output)
+    written = [Path(args.output), Path(args.output + ".jsonl")] if single_npy else []
+    if single_npy and not args.force and any(p.exists() for p in written):
+        # as for a folder: an existing result is replaced only when asked
+        raise CoromError(f"{' and '.join(str(p) for p in written if p.exists())} exist(s): give --force to "
+                         "replace, or another --output")
     options = BulkOptions(input=Path(args.file), output=output, input_format=args.input_format,
                           output_format="npy" if single_npy else args.format, text_field=args.text_field,
                           id_field=args.id_field, shard_size=args.shard_size, batch_size=args.batch_size,
@@ -129,15 +142,20 @@ def _embed_corpus(args: argparse.Namespace) -> int:
     else:
         summary = embed_corpus(options, lambda recorded: _load(args, recorded), progress=progress)
     if single_npy:
+        import dataclasses
+
         from corom_runtime.bulk.local import assemble_npy
 
-        assemble_npy(output, Path(args.output))
+        assemble_npy(output, Path(args.output))  # the .parts folder (and its _summary.json) is gone after this
+        summary = dataclasses.replace(summary, output=args.output, files=[str(p) for p in written])
     if args.json:
         print(json.dumps(summary.to_dict()))
+    elif not args.quiet and summary.rows and summary.reused == summary.rows:
+        print(f"nothing to do: all {summary.rows} rows of {args.output} were embedded before", file=sys.stderr)
     elif not args.quiet:
-        print(f"embedded {summary.rows} rows ({summary.reused} kept from before, {summary.skipped_bad} bad skipped, "
-              f"{summary.truncated} truncated) in {summary.seconds:.1f} s, {summary.texts_per_s:.0f} texts/s "
-              f"-> {args.output}", file=sys.stderr)
+        print(f"embedded {summary.rows} rows ({summary.reused} kept from before, {summary.skipped_bad} bad and "
+              f"{summary.skipped_blank} blank skipped, {summary.truncated} truncated) in {summary.seconds:.1f} s, "
+              f"{summary.texts_per_s:.0f} texts/s -> {args.output}", file=sys.stderr)
     return 0
 
 

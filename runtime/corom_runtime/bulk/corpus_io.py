@@ -33,6 +33,13 @@ class Row:
     text: Any
     line: int
     problem: str | None = None
+    keys: tuple[str, ...] | None = None   # a JSON object without the text field: the keys it has
+
+
+# a blank text (empty or whitespace only) is skipped and counted, never embedded and never a job-stopping
+# error: one rule for every corpus engine (README, "Embed a corpus")
+BLANK = "text is empty"
+INT64_MAX = (1 << 63) - 1
 
 
 def text_problem(text: Any) -> str | None:
@@ -42,12 +49,25 @@ def text_problem(text: Any) -> str | None:
     if not isinstance(text, str):
         return f"text is {type(text).__name__}, not a string"
     if not text.strip():
-        return "text is empty"
+        return BLANK
+    return None
+
+
+def id_problem(row_id: Any) -> str | None:
+    """Why `row_id` cannot be an output id, or None: ids are strings or 64-bit signed integers (the
+    Parquet id column is int64 or string), checked before anything is embedded."""
+    if row_id is None:
+        return "id is missing"
+    if isinstance(row_id, bool) or not isinstance(row_id, (int, str)):
+        return f"id is {type(row_id).__name__}: ids must be strings or integers"
+    if isinstance(row_id, int) and not -INT64_MAX - 1 <= row_id <= INT64_MAX:
+        return f"id {row_id} does not fit a 64-bit signed integer: write it as a string"
     return None
 
 
 def row_problem(row: Row) -> str | None:
-    return row.problem or text_problem(row.text)
+    """Why `row` is left out (`BLANK` for a blank text: skipped and counted; anything else: a bad row)."""
+    return row.problem or id_problem(row.id) or text_problem(row.text)
 
 
 def describe(row: Row, problem: str) -> str:
@@ -101,8 +121,7 @@ def read_rows(path: Path, fmt: str, text_field: str = "text", id_field: str | No
             texts = batch.column(0).to_pylist()
             ids = batch.column(1).to_pylist() if id_field else range(index, index + len(texts))
             for offset, (text, row_id) in enumerate(zip(texts, ids)):
-                problem = "id is missing" if row_id is None else None
-                yield Row(id=row_id, text=text, line=index + offset + 1, problem=problem)
+                yield Row(id=row_id, text=text, line=index + offset + 1)
             index += len(texts)
     else:
         raise CoromError(f"unknown input format {fmt!r}: one of text, jsonl, parquet")
@@ -115,14 +134,15 @@ def _json_row(line: str, index: int, text_field: str, id_field: str | None) -> R
         return Row(id=index, text=None, line=index + 1, problem=f"not valid JSON ({exc.msg})")
     if not isinstance(record, dict):
         return Row(id=index, text=None, line=index + 1, problem=f"not a JSON object but {type(record).__name__}")
+    keys = None if text_field in record else tuple(record)
     if id_field is None:
-        return Row(id=index, text=record.get(text_field), line=index + 1)
+        return Row(id=index, text=record.get(text_field), line=index + 1, keys=keys)
     row_id = record.get(id_field)
-    if row_id is None or isinstance(row_id, (bool, float, list, dict)):
-        problem = f"id field {id_field!r} is missing" if row_id is None else \
-            f"id field {id_field!r} is {type(row_id).__name__}: ids must be strings or integers"
+    problem = id_problem(row_id)
+    if problem:
+        problem = f"id field {id_field!r} is missing" if row_id is None else f"id field {id_field!r}: {problem}"
         return Row(id=None if row_id is None else repr(row_id), text=None, line=index + 1, problem=problem)
-    return Row(id=row_id, text=record.get(text_field), line=index + 1)
+    return Row(id=row_id, text=record.get(text_field), line=index + 1, keys=keys)
 
 
 def file_fingerprint(path: Path) -> str:
@@ -161,6 +181,42 @@ def shard_path(folder: Path, index: int, fmt: str) -> Path:
     return folder / f"part-{index:05d}.{fmt}"
 
 
+def shard_files(folder: Path, index: int, fmt: str) -> list[Path]:
+    """Every file writing shard `index` creates, temporary names included (for the ledger)."""
+    path = shard_path(folder, index, fmt)
+    paths = [path] + ([path.with_suffix(".jsonl")] if fmt == "npy" else [])
+    return [q for p in paths for q in (p, tmp_path(p))]
+
+
+def tmp_path(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+# -- the ledger: every name a job creates in its output folder, recorded before it is created ---------
+
+LEDGER_FILE = "_files.txt"
+
+
+def record_written(folder: Path, paths: list[Path]) -> None:
+    """Append the names of `paths` (files or folders directly in `folder`) to the folder's ledger, on disk
+    before they are created: `--force` then removes exactly what a job wrote, whenever it was killed."""
+    names = [p.name for p in paths]
+    with open(folder / LEDGER_FILE, "a", encoding="utf-8") as handle:
+        handle.write("".join(name + "\n" for name in names))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def recorded_written(folder: Path) -> list[str] | None:
+    """The names in `folder`'s ledger (plain names only: a hand-edited line cannot reach outside the
+    folder), or None when it has none."""
+    try:
+        lines = (folder / LEDGER_FILE).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return None
+    return list(dict.fromkeys(n for n in lines if n and n not in (".", "..") and Path(n).name == n))
+
+
 def arrow_table(data: ShardData, id_type: str):
     """The output schema shared by every engine: id, embedding, tokens, truncated. The embedding is a
     fixed-size list of float32 (int8 / uint8 for those precisions), or fixed-size binary for the packed
@@ -182,7 +238,7 @@ def arrow_table(data: ShardData, id_type: str):
 
 def atomic_write(path: Path, write) -> None:
     """`write(tmp)`, fsync, then rename over `path`: a crash leaves the old file or the new, never half."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_path(path)
     write(tmp)
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())

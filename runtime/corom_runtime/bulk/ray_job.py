@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from corom_runtime.bulk.local import SUMMARY_FILE, BulkOptions, BulkSummary, checked_input, job_record, prepare_output
-from corom_runtime.bulk.corpus_io import (ShardData, arrow_table, import_pyarrow, read_rows, row_problem,
-                                          shard_totals, text_problem, write_json)
+from corom_runtime.bulk.local import (SUMMARY_FILE, BulkOptions, BulkSummary, check_lengths, checked_input,
+                                      job_record, model_identity, prepare_output)
+from corom_runtime.bulk.corpus_io import (BLANK, ShardData, arrow_table, id_problem, import_pyarrow, read_rows,
+                                          record_written, row_problem, shard_path, shard_totals, text_problem,
+                                          write_json)
 from corom_runtime.errors import CoromError, positive_int
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,9 @@ log = logging.getLogger(__name__)
 RAY_HINT = "the Ray engine needs its extra: pip install 'corom-onnx[ray]'"
 # rows handed to Ray per block from the driver: big enough to amortize scheduling, small enough to spread
 BLOCK_ROWS = 2048
+# where Ray's writers put their uuid-named files; recorded in the ledger before Ray starts, and each file is
+# renamed (and recorded) as part-NNNNN.parquet once the job is done, the shard names of the local engine
+STAGING = "_ray_staging"
 
 
 def import_ray():
@@ -69,10 +74,10 @@ class EmbedActor:
         ids = block.column(self.id_column).to_pylist()
         keep = []
         for position, (row_id, text) in enumerate(zip(ids, texts)):
-            problem = text_problem(text) or ("id is missing" if row_id is None else None)
+            problem = text_problem(text) or id_problem(row_id)
             if problem is None:
                 keep.append(position)
-            elif not self.skip_bad:
+            elif problem != BLANK and not self.skip_bad:  # a blank text is skipped, as by the local engine
                 # the row is named and the job fails: Ray does not retry a user error
                 raise CoromError(f"row with id {row_id!r}: {problem}; give skip_bad=True to leave such rows out")
         vectors, report = self.embedder.encode([texts[i] for i in keep], batch_size=self.batch_size,
@@ -86,9 +91,9 @@ class EmbedActor:
         return arrow_table(data, self.id_type)
 
 
-def resolve_variant(artifact: str, variant: str) -> tuple[str, str, str]:
-    """(artifact path, concrete variant, its file's sha256) as chosen on this machine: every replica then runs the same
-    variant, even on a cluster whose nodes would each pick differently for "auto"."""
+def resolve_artifact(artifact: str, variant: str):
+    """(artifact, concrete variant) as chosen on this machine: every replica then runs the same variant,
+    even on a cluster whose nodes would each pick differently for "auto"."""
     from corom_runtime.embedder import artifact_or_export, this_machine
     from corom_runtime.selection import choose_variant
 
@@ -97,6 +102,12 @@ def resolve_variant(artifact: str, variant: str) -> tuple[str, str, str]:
     name = choose_variant(chosen.variants, variant, "cpu", this_machine(1, "cpu"), chosen.path)
     chosen.check_variant(name)
     chosen.check_tokenizer()
+    return chosen, name
+
+
+def resolve_variant(artifact: str, variant: str) -> tuple[str, str, str]:
+    """(artifact path, concrete variant, its file's sha256): `resolve_artifact` for callers that want names."""
+    chosen, name = resolve_artifact(artifact, variant)
     return str(chosen.path), name, chosen.variants[name].sha256
 
 
@@ -176,10 +187,18 @@ def run_ray(options: BulkOptions, ray_options: RayOptions, artifact: str, varian
     ray = import_ray()
     started = time.perf_counter()
     fmt, found, fingerprint = checked_input(options)
-    path, concrete, sha = resolve_variant(artifact, variant)
-    record = job_record(options, fmt, fingerprint, found, path, concrete, sha)
-    record["engine"] = "ray"
-    prepare_output(options, record)
+    chosen, concrete = resolve_artifact(artifact, variant)
+    path = str(chosen.path)
+    prompt = _prompt(chosen, options.prompt_name)
+    from corom_runtime.tokenization import TextTokenizer
+
+    check_lengths(options, fmt, TextTokenizer.from_file(chosen.tokenizer_path, chosen.max_length), prompt)
+    model = model_identity(chosen, concrete, options, prompt)
+    prepare_output(options, job_record(options, fmt, fingerprint, found, model, "ray"))
+    if not found.rows:  # nothing to embed: no cluster to start, an empty output and its summary
+        return _finish(options, found, started, [], chosen.name, concrete)
+    staging = options.output / STAGING
+    record_written(options.output, [staging])
 
     started_here = not ray.is_initialized()
     if started_here:
@@ -198,17 +217,40 @@ def run_ray(options: BulkOptions, ray_options: RayOptions, artifact: str, varian
                            threads_per_actor=ray_options.threads_per_actor, batch_rows=ray_options.batch_rows,
                            batch_size=options.batch_size, skip_bad=options.skip_bad, **options.encode_options())
         # writing is light: it must not take CPUs the replicas hold, or it waits for the last of them
-        ds.write_parquet(str(options.output), ray_remote_args={"num_cpus": 0})
+        ds.write_parquet(str(staging), ray_remote_args={"num_cpus": 0})
     finally:
         if started_here:
             ray.shutdown()
-    totals = [shard_totals(file, "parquet") for file in options.output.glob("*.parquet")]
+    shards = []
+    for index, written in enumerate(sorted(staging.glob("*.parquet"))):
+        final = shard_path(options.output, index, "parquet")
+        record_written(options.output, [final])
+        written.replace(final)
+        shards.append(final)
+    if not any(staging.iterdir()):
+        staging.rmdir()
+    return _finish(options, found, started, shards, chosen.name, concrete)
+
+
+def _prompt(artifact, prompt_name: str | None) -> str:
+    if prompt_name is None:
+        return ""
+    if prompt_name not in artifact.prompts:
+        known = ", ".join(repr(k) for k in artifact.prompts) or "none (this model takes no prompts)"
+        raise CoromError(f"unknown prompt_name {prompt_name!r} for {artifact.name}; known: {known}")
+    return artifact.prompts[prompt_name]
+
+
+def _finish(options: BulkOptions, found, started: float, shards: list[Path], model: str,
+            variant: str) -> BulkSummary:
+    totals = [shard_totals(file, "parquet") for file in shards]
     rows, tokens, truncated = (sum(t[i] for t in totals) for i in range(3))
     seconds = time.perf_counter() - started
     summary = BulkSummary(output=str(options.output), rows=rows, reused=0, skipped_bad=found.bad, tokens=tokens,
-                          truncated=truncated, shards=len(list(options.output.glob("*.parquet"))),
-                          seconds=round(seconds, 3), texts_per_s=round(rows / seconds, 1),
-                          model=Path(path).name, variant=concrete, engine="ray")
+                          truncated=truncated, shards=len(shards), seconds=round(seconds, 3),
+                          texts_per_s=round(rows / seconds, 1) if seconds > 0 else 0.0, model=model,
+                          variant=variant, engine="ray", skipped_blank=found.blank,
+                          files=[p.name for p in shards])
     if rows != found.rows:
         raise CoromError(f"the Ray job wrote {rows} rows for {found.rows} input rows; {options.output} is incomplete")
     write_json(options.output / SUMMARY_FILE, summary.to_dict())
