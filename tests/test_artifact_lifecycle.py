@@ -359,3 +359,17 @@ def test_a_tensorrt_batch_above_the_profile_runs_in_slices():
     ids = np.arange(150)[:, None].repeat(3, axis=1)
     out = session.run(ids, np.ones_like(ids))
     assert seen == [64, 64, 22] and out[:, 0].tolist() == list(range(150))
+
+
+def test_roberta_max_length_is_refused_past_its_position_table(tmp_path):
+    from checkpoints import write_xlmr_checkpoint
+    from corom_export.build import ExportOptions, position_limit, settings_for
+    from corom_export.families import FAMILIES
+    from corom_runtime.errors import CoromError
+
+    assert position_limit({"max_position_embeddings": 514, "pad_token_id": 1}, FAMILIES["xlm-roberta"]) == 512
+    assert position_limit({"max_position_embeddings": 512, "pad_token_id": 0}, FAMILIES["bert"]) == 512
+    folder = write_xlmr_checkpoint(tmp_path / "xlmr")          # max_position_embeddings 130, pad id 1
+    assert settings_for(str(folder), ExportOptions(max_length=128))[0].max_length == 128
+    with pytest.raises(CoromError, match="at most 128 tokens"):
+        settings_for(str(folder), ExportOptions(max_length=129))

@@ -68,7 +68,7 @@ def settings_for(model: str, options: ExportOptions) -> tuple[Preset, str | None
             preset = Preset(name=checkpoint.folder.name, source=model, pooling=pooling, normalize=normalize,
                             score="cosine" if normalize else "dot",
                             # the folder's own max_seq_length (sentence_bert_config.json), as sentence-transformers cuts
-                            max_length=checkpoint.max_seq_length() or 128,
+                            max_length=checkpoint.max_seq_length() or 128, prompts=checkpoint.prompts(),
                             max_length_limit=int(checkpoint.config.get("max_position_embeddings", 512)))
     else:
         raise PresetError(f"unknown preset {model!r}; known presets: {', '.join(list_presets())}. "
@@ -77,7 +77,20 @@ def settings_for(model: str, options: ExportOptions) -> tuple[Preset, str | None
                                    ("score", options.score), ("max_length", options.max_length)) if v is not None}
     if overrides:
         preset = Preset(**{**preset.to_dict(), **overrides})
+    limit = position_limit(checkpoint.config, checkpoint.family)
+    if limit is not None and preset.max_length > limit:
+        raise CoromError(f"--max-length {preset.max_length} is more than this {checkpoint.family.name} checkpoint's "
+                         f"position table holds: at most {limit} tokens (config.json max_position_embeddings"
+                         f"{' less the pad id and 1: positions start after the pad id' if checkpoint.family.positions_after_pad else ''})")
     return preset, name, checkpoint
+
+
+def position_limit(config: dict, family) -> int | None:
+    """The longest input the checkpoint's position table holds (None: the config does not say). Pure."""
+    table = config.get("max_position_embeddings")
+    if not isinstance(table, int):
+        return None
+    return table - family.pad_id(config) - 1 if family.positions_after_pad else table
 
 
 def _step(n: int, total: int, text: str) -> float:

@@ -32,6 +32,8 @@ class Family:
                                             "intermediate_size")
     model_kwargs: dict = field(default_factory=dict)
     examples: str = ""
+    # RoBERTa/XLM-R count positions from pad_id + 1: their table holds max_position_embeddings - pad_id - 1
+    positions_after_pad: bool = False
 
     def sizes(self, config: dict) -> dict[str, int]:
         """heads, hidden, layers, intermediate from a config dict; a missing key names itself."""
@@ -52,10 +54,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            model_kwargs={"add_pooling_layer": False},
            examples="CoROM (ModelScope layout), all-MiniLM-L6-v2, bge-small-en-v1.5, e5-small-v2, gte-small"),
     Family("xlm-roberta", ("xlm-roberta",), "XLMRobertaConfig", "XLMRobertaModel", ("roberta.", "xlm_roberta."),
-           "bert", 1, model_kwargs={"add_pooling_layer": False},
+           "bert", 1, model_kwargs={"add_pooling_layer": False}, positions_after_pad=True,
            examples="multilingual-e5-small, paraphrase-multilingual-MiniLM-L12-v2"),
     Family("roberta", ("roberta",), "RobertaConfig", "RobertaModel", ("roberta.",), "bert", 1,
-           model_kwargs={"add_pooling_layer": False}, examples="all-distilroberta-v1"),
+           model_kwargs={"add_pooling_layer": False}, positions_after_pad=True, examples="all-distilroberta-v1"),
 )}
 
 
