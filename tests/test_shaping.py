@@ -7,6 +7,7 @@ import base64
 import json
 import re
 import shutil
+import time
 
 import httpx
 import numpy as np
@@ -297,3 +298,70 @@ def test_chunking_through_the_batcher_the_server_and_a_corpus_job(servers, opt, 
     assert corom(["embed", "--model", str(bundled_artifact), "--variant", "opt", "--file", str(src), "--output",
                   str(tmp_path / "out"), "--quiet", "--chunking", "mean"]) == 0
     np.testing.assert_allclose(read_output(tmp_path / "out")[1], expected, atol=1e-5)
+
+
+def test_chunked_pooling_is_the_mean_of_the_windows_on_a_model_that_does_not_normalize(corom_artifact):
+    """CLS pooling, no normalisation: the pooled vector is the plain mean of the windows' vectors (a sum
+    or a re-normalized mean would pass on a normalized model)."""
+    emb = Embedder.load(corom_artifact, variant="opt", device="cpu", verify_here=False, warmup=False)
+    assert not emb.artifact.normalize and emb.artifact.pooling == "cls"
+    long = " ".join(f"sentence {i} is about topic {i % 9}." for i in range(60))
+    (chunks,) = emb.encode_chunks([long], overlap=8)
+    assert len(chunks.spans) >= 3
+    pooled = emb.encode(["a short text", long], chunking={"overlap": 8})
+    np.testing.assert_allclose(pooled[1], chunks.vectors.mean(0), rtol=1e-4, atol=1e-4)
+    assert abs(float(np.linalg.norm(pooled[1])) - 1.0) > 0.01  # not re-normalized
+    np.testing.assert_allclose(pooled[0], emb.encode(["a short text"])[0], atol=1e-5)
+
+
+def test_a_text_needing_exactly_max_windows_windows_is_not_cut(opt):
+    from corom_runtime.embedder import Chunking
+
+    size, overlap, max_windows = opt.tokenizer.max_length - 2, 16, 3  # [CLS] and [SEP] in every window
+    exact = (max_windows - 1) * (size - overlap) + size
+    for n, cut in ((exact, False), (exact + 1, True)):
+        plan = opt.chunk_plan([" ".join(["cat"] * n)], "", Chunking(overlap=overlap, max_windows=max_windows))
+        assert len(plan.items) == max_windows and plan.reports[0].truncated is cut, n
+        assert plan.over == [0] and len(plan.spans[0]) == max_windows
+
+
+def test_chunking_without_truncation_refuses_a_text_past_max_windows(opt, servers):
+    """It cut silently past max_windows; without chunking truncate=False refuses: so does chunking."""
+    long = LONG * 3
+    with pytest.raises(TextTooLongError, match=r"texts\[1\] has \d+ tokens and would need \d+ windows"):
+        opt.encode(["short", long], chunking={"max_windows": 2}, truncate=False)
+    fits, report = opt.encode(["short", LONG], chunking={"max_windows": 16}, truncate=False, return_report=True)
+    assert fits.shape == (2, 384) and not report[1].truncated
+    r = httpx.post(servers[0].url("/embed"), json={"inputs": ["short", long], "chunking": {"max_windows": 2},
+                                                   "truncate": False})
+    assert r.status_code == 413 and "would need" in r.json()["error"]["message"]
+
+
+def test_the_window_bomb_is_refused_before_any_window_is_built(opt, servers):
+    """{'inputs': 'a ' * 520000, 'chunking': {'overlap': 125, 'max_windows': 10**9}} answered 413 after
+    8.5 s with RSS 437 -> 1,643 MB: max_windows is bounded, and the queue's window budget is checked from
+    token counts before any window is built."""
+    import tracemalloc
+
+    from corom_runtime import DynamicBatcher
+    from corom_runtime.embedder import Chunking
+    from corom_runtime.errors import RequestTooLargeError
+    from corom_runtime.serving.batcher import BatcherSettings
+    from corom_runtime.tokenization import MAX_WINDOWS
+
+    bomb = "a " * 520_000
+    begin = time.perf_counter()
+    r = httpx.post(servers[0].url("/embed"), json={"inputs": [bomb], "chunking": {"overlap": 125,
+                                                                               "max_windows": 1_000_000_000}},
+                   timeout=60)
+    assert r.status_code == 400 and f"at most {MAX_WINDOWS}" in r.json()["error"]["message"]
+    assert time.perf_counter() - begin < 5.0
+    with DynamicBatcher(opt, BatcherSettings(max_queue=64)) as batcher:
+        tracemalloc.start()
+        try:
+            with pytest.raises(RequestTooLargeError, match="windows"):
+                batcher.submit([bomb], chunking=Chunking(overlap=125, max_windows=MAX_WINDOWS))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak / 2**20:.1f} MiB of Python memory to refuse it"

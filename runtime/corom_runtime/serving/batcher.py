@@ -252,7 +252,10 @@ class DynamicBatcher:
         if chunking is None:
             items = self.embedder.tokenize(checked, prompt, cut)
         else:
-            ticket.plan = self.embedder.chunk_plan(checked, prompt, chunking)
+            # windows are counted against the queue from token counts before any is built (a 1 MB text
+            # with a huge max_windows built ~1 GB of window lists before the check below)
+            ticket.plan = self.embedder.chunk_plan(checked, prompt, chunking, cut.truncate if cut else True,
+                                                   max_windows_total=self.settings.max_queue)
             items = ticket.plan.items
             if len(items) > self.settings.max_queue:
                 raise RequestTooLargeError(f"{len(checked)} texts make {len(items)} windows, more than the queue "
