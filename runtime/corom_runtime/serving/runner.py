@@ -52,6 +52,7 @@ _SLICE = 1024
 # how long a connection closed with a request body unread keeps reading (and dropping) it, so that
 # closing does not make the kernel send a reset that can overtake the answer
 _LINGER_S = 2.0
+_LINGER_BYTES = 1 << 20  # ... or until it has sent this much more: then it is closed, reset or not
 
 
 class _CycleTransport:
@@ -84,6 +85,7 @@ def guarded_protocol(timeout_s: float, max_head_bytes: int = 16 * 1024) -> type[
         _body_left: int | None = 0  # bytes of the current body still to come; None: unknown (chunked)
         _discarding = False     # answered and closing: what the client still sends is read and dropped
         _refusal: str | None = None  # a 400 to send once the request in progress has its answer
+        _dropped = 0            # bytes dropped while closing
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -133,7 +135,12 @@ def guarded_protocol(timeout_s: float, max_head_bytes: int = 16 * 1024) -> type[
             super().on_message_complete()
 
         def data_received(self, data: bytes) -> None:
-            if self._discarding or self._refusal is not None:
+            if self._discarding:
+                self._dropped += len(data)
+                if self._dropped > _LINGER_BYTES:
+                    self.transport.close()
+                return
+            if self._refusal is not None:
                 return
             view, pos = memoryview(data), 0
             while pos < len(data):
@@ -184,6 +191,8 @@ def guarded_protocol(timeout_s: float, max_head_bytes: int = 16 * 1024) -> type[
                 return
             self.transport.write_eof()
             self._discarding = True
+            # closing, bounded in time and bytes: it no longer holds a place under --max-connections
+            self.connections.discard(self)
             self.flow.resume_reading()  # keep reading, so the kernel's buffer drains instead of resetting
             if self._head_timer is not None:
                 self._head_timer.cancel()
