@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from corom_runtime import Embedder
-from corom_runtime.bulk.local import BulkOptions
+from corom_runtime.bulk.local import BulkOptions, clear_own_output, embed_corpus
 from corom_runtime.bulk.corpus_io import read_output
 from corom_runtime.errors import CoromError
 from corom_runtime.bulk.ray_job import RayOptions, block_rows, run_ray
@@ -50,7 +50,7 @@ def test_ray_job_writes_every_id_once_with_the_vectors_of_encode(bundled_artifac
     (tmp_path / "c.jsonl").open("a").write('{"doc_id": "bad", "body": ""}\n')
     options = BulkOptions(src, tmp_path / "out", text_field="body", id_field="doc_id", skip_bad=True)
     summary = run_ray(options, RayOptions(actors=2), str(bundled_artifact), variant="fp32", progress=False)
-    assert (summary.rows, summary.skipped_bad, summary.engine, summary.variant) == (600, 1, "ray", "fp32")
+    assert (summary.rows, summary.skipped_blank, summary.engine, summary.variant) == (600, 1, "ray", "fp32")
     ids, vectors, tokens, _ = read_output(tmp_path / "out")
     assert len(ids) == 600 and set(ids) == {f"doc{i}" for i in range(600)}
     order = [int(i[3:]) for i in ids]
@@ -58,6 +58,20 @@ def test_ray_job_writes_every_id_once_with_the_vectors_of_encode(bundled_artifac
     # fp32 is batch-invariant up to float rounding, so the actor's batch mates do not matter
     assert cosines(vectors, reference).min() >= 0.99999
     assert summary.tokens == int(tokens.sum())
+    # the local engine's shard names, and the summary names them
+    parts = sorted(p.name for p in (tmp_path / "out").glob("*.parquet"))
+    assert parts == summary.files == [f"part-{i:05d}.parquet" for i in range(len(parts))]
+    # a local --resume of a Ray folder would embed every row again beside Ray's shards: refused
+    with pytest.raises(CoromError, match="--engine ray"):
+        embed_corpus(BulkOptions(src, tmp_path / "out", text_field="body", id_field="doc_id", skip_bad=True,
+                                 resume=True), lambda _: Embedder.load(bundled_artifact, variant="fp32", device="cpu"),
+                     progress=False)
+    # --force removes what the Ray job wrote, and only that
+    for name in ("notes.parquet", "backup.tmp", "part-of-my-notes.txt"):
+        (tmp_path / "out" / name).write_text("mine")
+    clear_own_output(tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["backup.tmp", "notes.parquet",
+                                                                     "part-of-my-notes.txt"]
 
 
 def test_a_killed_actor_is_replaced_and_no_row_is_lost_or_repeated(bundled_artifact, local_ray, tmp_path):
@@ -78,7 +92,7 @@ def test_a_killed_actor_is_replaced_and_no_row_is_lost_or_repeated(bundled_artif
     deadline = time.time() + 240
     victims: set[int] = set()
     while time.time() < deadline and worker.is_alive():
-        if len(embed_actor_pids()) == 2 and list((tmp_path / "out").glob("*.parquet")):
+        if len(embed_actor_pids()) == 2 and list((tmp_path / "out").rglob("*.parquet")):  # Ray writes into _ray_staging
             victims = embed_actor_pids()
             break
         time.sleep(0.05)
@@ -95,11 +109,22 @@ def test_a_killed_actor_is_replaced_and_no_row_is_lost_or_repeated(bundled_artif
 
 
 def test_ray_refuses_resume_and_bad_rows_before_starting(bundled_artifact, tmp_path):
-    src = write_jsonl(tmp_path / "c.jsonl", ["fine", ""])
+    src = write_jsonl(tmp_path / "c.jsonl", ["fine"])
+    src.open("a").write('{"doc_id": "doc1", "body": 42}\n')
     with pytest.raises(CoromError, match="line 2"):
         run_ray(BulkOptions(src, tmp_path / "out", text_field="body", id_field="doc_id"), RayOptions(),
                 str(bundled_artifact))
     assert not (tmp_path / "out").exists()
+    long = write_jsonl(tmp_path / "long.jsonl", ["fine", " ".join(corpus_texts(12))])
+    with pytest.raises(CoromError, match=r"line 2 \(id 'doc1'\).*Drop --no-truncate"):
+        run_ray(BulkOptions(long, tmp_path / "out", text_field="body", id_field="doc_id", truncate=False),
+                RayOptions(), str(bundled_artifact))
+    assert not (tmp_path / "out").exists()
+    # blank rows only: an empty output and its summary, no cluster started
+    blank = write_jsonl(tmp_path / "blank.jsonl", ["", "  "])
+    summary = run_ray(BulkOptions(blank, tmp_path / "out", text_field="body", id_field="doc_id"), RayOptions(),
+                      str(bundled_artifact))
+    assert (summary.rows, summary.skipped_blank, summary.files) == (0, 2, [])
     with pytest.raises(CoromError, match="--resume is for --engine local"):
         run_ray(BulkOptions(src, tmp_path / "out", resume=True), RayOptions(), str(bundled_artifact))
     with pytest.raises(CoromError, match="actors must be"):
