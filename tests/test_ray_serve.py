@@ -205,6 +205,11 @@ def test_same_errors_as_corom_serve(served):
     assert big.status_code == 413 and big.json()["error"]["code"] == 413
     assert served.get("/nowhere").json()["error"]["code"] == 404
     assert served.post("/embed", content=b"{}", headers={"content-type": "text/plain"}).status_code == 415
+    # the proxy's uvicorn runs corom serve's protocol: a request head over 16 KiB is a JSON 400
+    with socket.create_connection((served.base_url.host, served.base_url.port), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
+        head, _, body = sock.recv(65536).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and json.loads(body)["error"]["code"] == 400, head
     health = served.get("/health")
     assert health.status_code == 200 and health.json()["variant"] == VARIANT
     assert "corom_" in served.get("/metrics").text

@@ -23,6 +23,7 @@ Importable for `serve run` and KubeRay: `app_builder({"model": ..., "replicas": 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -505,6 +506,8 @@ def stop() -> None:
     if not ray.is_initialized():  # stopped already
         return
     try:
+        if not _serve_running(serve):  # refused before deploying: nothing to drain
+            return
         # the application first: each replica finishes what it holds (Ray waits for its requests, then
         # our lifespan drains the batcher) while the proxy still carries the answers back; requests
         # arriving meanwhile get 503. Shutting Serve down at once would close the proxy's connections
@@ -516,9 +519,28 @@ def stop() -> None:
             ray.shutdown()
 
 
+def _serve_running(serve) -> bool:
+    try:
+        serve.status()
+    except Exception:  # noqa: BLE001 - RayServeException: no Serve instance on this cluster
+        return False
+    return True
+
+
+def local_resources() -> dict[str, float]:
+    """What a local Ray started by `start` gets: the CPUs this process may use (cgroup/affinity aware)."""
+    from corom_runtime.machine import available_cpus
+
+    return {"CPU": float(available_cpus())}
+
+
 def serve_on_ray(args) -> int:
     """`corom serve --ray`: run until SIGTERM/SIGINT, then drain. Exit status 0 after a drain."""
     config = config_from_args(args)  # every flag checked before anything starts
+    ray_init: dict[str, Any] = {}
+    if config.ray.address is None:  # a local Ray: its size is known before starting it
+        ray_init["num_cpus"] = int(local_resources()["CPU"])
+        check_fits(dataclasses.replace(config.ray, replica_gpus=0.0), [local_resources()], fixed_cluster=True)
     precheck_model(config.model)
     if config.ray.address is None and args.host not in ("127.0.0.1", "localhost", "::1") \
             and config.server.api_key is None:
@@ -526,7 +548,7 @@ def serve_on_ray(args) -> int:
     stopping = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        start(config, args.host, args.port)
+        start(config, args.host, args.port, ray_init=ray_init)
         print(f"corom serve --ray: {config.ray.most_replicas} replica(s) of {config.model.model} on "
               f"http://{args.host}:{args.port}", flush=True)
         stopping.wait()
