@@ -79,6 +79,18 @@ def ours(reference: Tokenizer, max_length: int = MAX_LENGTH) -> TextTokenizer:
     return _OURS[key]
 
 
+_CUTTERS: dict[tuple[int, int], Tokenizer] = {}
+
+
+def hf_truncating(reference: Tokenizer, max_length: int) -> Tokenizer:
+    """The HF tokenizer truncating at `max_length`: sentence-transformers' cut of prompt + text."""
+    key = (id(reference), max_length)
+    if key not in _CUTTERS:
+        _CUTTERS[key] = Tokenizer.from_str(reference.to_str())
+        _CUTTERS[key].enable_truncation(max_length)
+    return _CUTTERS[key]
+
+
 def specials(reference: Tokenizer) -> tuple[list[int], list[int]]:
     e = reference.encode("a")
     first, last = e.special_tokens_mask.index(0), len(e.ids) - e.special_tokens_mask[::-1].index(0)
@@ -111,7 +123,7 @@ def reference_windows(reference: Tokenizer, prompt: str, text: str, max_length: 
 
 
 texts = st.lists(st.sampled_from(WORDS), min_size=0, max_size=40).map(" ".join)
-fast = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+fast = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 # -- prompt and text as one string --------------------------------------------------------------
@@ -138,10 +150,8 @@ def test_an_overlength_text_is_cut_as_the_reference_cuts_it(family, text, prompt
     name, reference = family
     text = text + " " + " ".join(WORDS * 3)  # always past MAX_LENGTH
     tok = ours(reference)
-    cutter = Tokenizer.from_str(reference.to_str())
-    cutter.enable_truncation(MAX_LENGTH)
     right, = tok.encode([text], prompt=prompt)
-    assert right.ids == cutter.encode(prompt + text).ids and right.truncated, name  # sentence-transformers' cut
+    assert right.ids == hf_truncating(reference, MAX_LENGTH).encode(prompt + text).ids and right.truncated, name  # sentence-transformers' cut
     left, = tok.encode([text], prompt=prompt, direction="left")
     assert left.ids == reference_left(reference, prompt, text, MAX_LENGTH) and left.truncated, name
     assert len(left.ids) == MAX_LENGTH
@@ -192,8 +202,8 @@ def test_the_wordpiece_newline_case_from_the_issue():
     assert not item.truncated and item.ids == reference.encode("the cat sat on the mat").ids
 
 
-@pytest.mark.parametrize("text, fits", [("a " * 500_000, False), ("\n" * 1_000_000 + "x", True),
-                                        ("a" * 1_000_000, True)], ids=["words", "newlines", "one-word"])
+@pytest.mark.parametrize("text, fits", [("a " * 500_000, False), ("\n" * 1_000_000 + "x", True)],
+                         ids=["words", "newlines"])
 def test_a_megabyte_text_costs_bounded_work(text, fits):
     """The cap existed to bound the work a 1 MB input costs: growing prefixes keep a bound (the whole
     text at most, read twice) while a text that fits is never cut. WordPiece is the worst case: blanks
@@ -212,10 +222,8 @@ def test_growing_prefixes_keep_the_first_tokens_exact(family):
     are trusted (a long word cut in the middle must not leak its pieces into the result)."""
     _, reference = family
     tok = ours(reference, 128)
-    for text in ["international " * 400, "word" * 3000 + " tail " * 300, "日本語" * 5000, "a" * 1500 + " b" * 400]:
-        cutter = Tokenizer.from_str(reference.to_str())
-        cutter.enable_truncation(128)
-        assert tok.encode([text])[0].ids == cutter.encode(text).ids
+    for text in ["international " * 150, "word" * 1200 + " tail " * 150, "日本語" * 1500, "a" * 1200 + " b" * 200]:
+        assert tok.encode([text])[0].ids == hf_truncating(reference, 128).encode(text).ids
         assert tok.encode([text], direction="left")[0].ids == reference_left(reference, "", text, 128)
 
 
