@@ -373,3 +373,46 @@ def test_roberta_max_length_is_refused_past_its_position_table(tmp_path):
     assert settings_for(str(folder), ExportOptions(max_length=128))[0].max_length == 128
     with pytest.raises(CoromError, match="at most 128 tokens"):
         settings_for(str(folder), ExportOptions(max_length=129))
+
+
+def perturbed(folder: Path, variant: str, scale: float) -> None:
+    """Noise of `scale` x each weight matrix's spread on a variant's graph (a realistically broken
+    variant: min cos 0.96 at 0.05, 0.69 at 0.15 on the bundled model's check set), manifest updated."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from corom_runtime.artifacts.artifact import sha256_file
+
+    path = folder / load_artifact(folder).variants[variant].file
+    model = onnx.load(str(path))
+    rng = np.random.default_rng(0)
+    for init in model.graph.initializer:
+        weights = numpy_helper.to_array(init)
+        if weights.dtype == np.float32 and weights.ndim == 2 and weights.size > 10000:
+            noisy = weights + rng.normal(0, scale * weights.std(), weights.shape).astype(np.float32)
+            init.CopyFrom(numpy_helper.from_array(noisy, init.name))
+    onnx.save(model, str(path))
+    m = json.loads(manifest_bytes(folder))
+    m["variants"][variant]["sha256"] = sha256_file(path)
+    for entry in m["variants"].values():   # verified elsewhere: the load-time check decides here
+        entry["verified_on"] = [{**r, "cpu": "another CPU"} for r in entry["verified_on"]]
+    (folder / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("scale", [0.05, 0.15])
+def test_the_load_time_check_rejects_a_realistically_broken_variant(bundled_artifact, tmp_path, monkeypatch, scale):
+    from corom_runtime import Embedder
+    from corom_runtime.errors import VariantRejectedError
+
+    monkeypatch.setenv("COROM_CACHE_DIR", str(tmp_path / "cache"))
+    art = tmp_path / "art"
+    art.mkdir()
+    m = json.loads(manifest_bytes(bundled_artifact))
+    m["variants"] = {"opt": m["variants"]["opt"]}     # the files of one variant, not the whole artifact
+    for name in ("tokenizer.json", m["check"]["file"], m["variants"]["opt"]["file"]):
+        shutil.copy(bundled_artifact / name, art / name)
+    (art / "manifest.json").write_text(json.dumps(m))
+    perturbed(art, "opt", scale)
+    with pytest.raises(VariantRejectedError, match="min cosine"):
+        Embedder.load(art, variant="opt", device="cpu", warmup=False)
