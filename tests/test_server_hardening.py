@@ -40,7 +40,10 @@ def embedder(bundled_artifact) -> Embedder:
 @pytest.fixture(scope="module")
 def server(embedder):
     running = Running(create_app(embedder, ServerSettings(max_items=16, max_body_bytes=64 * 1024,
-                                                          batcher=BatcherSettings(max_queue=4096))))
+                                                          # inline bounded by tokens, not by the speed
+                                                          # measured at start (a busy CI host: none inline)
+                                                          batcher=BatcherSettings(max_queue=4096,
+                                                                                  inline_max_ms=60_000.0))))
     yield running
     running.stop()
 
