@@ -162,7 +162,7 @@ def _embed_corpus(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     if not args.input and not (args.source and args.candidates):
         # checked before the model loads: a source alone would print [] and exit 0, which reads as a result
-        raise _ScoreUsage("give --source TEXT and one or more candidates (corom score -s \"query\" \"passage one\" "
+        raise UsageError("give --source TEXT and one or more candidates (corom score -s \"query\" \"passage one\" "
                           "\"passage two\"), or --input FILE.json with ModelScope's dict")
     embedder = _load(args)
     if args.input:
@@ -334,10 +334,6 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queries", type=int, default=200, help="queries for the top-10 retrieval check (default 200)")
     p.add_argument("--passages", type=int, default=2000, help="passages of mixed length (default 2000)")
     p.add_argument("--json", action="store_true", help="print the parity report as JSON")
-
-
-class _ScoreUsage(CoromError):
-    """`corom score` without what it needs: a usage error (exit 2)."""
 
 
 # Names other tools use for an option, where spelling alone would not find ours (TEI/OpenAI say
@@ -625,8 +621,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except _ScoreUsage as exc:  # argparse's way: the usage line, then the error, exit 2
-        parser._subparsers_by_name()[args.command].error(str(exc))
+    except UsageError as exc:  # as argparse says it: the command's usage line, then the error; exit 2
+        command = parser._subparsers_by_name()[args.command]
+        command.print_usage(sys.stderr)
+        print(f"{command.prog}: error: {exc}", file=sys.stderr)
+        return 2
     except (CoromError, json.JSONDecodeError, OSError) as exc:  # the user's to fix: say what, no traceback
         print(f"corom {args.command}: error: {exc}", file=sys.stderr)
         return 2
