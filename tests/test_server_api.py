@@ -239,6 +239,35 @@ def test_the_batcher_applies_the_time_bound_and_warming(opt):
         assert batcher.metrics.value("corom_inline_total") == 1
 
 
+def test_the_server_runs_nothing_inline_while_its_buckets_compile(opt, monkeypatch):
+    """While /health says warming, a request alone in flight goes through the worker; after, inline."""
+    import threading
+
+    release = threading.Event()
+
+    def warm_buckets(max_rows: int, stop: threading.Event) -> int:  # an engine compiling until released
+        while not (release.wait(0.01) or stop.is_set()):
+            pass
+        return 0
+
+    monkeypatch.setattr(opt.session, "warm_buckets", warm_buckets, raising=False)
+    settings = ServerSettings(batcher=BatcherSettings(inline_max_ms=60_000.0))
+    running = Running(create_app(opt, settings, warm_buckets=True))
+    try:
+        assert httpx.get(running.url("/health")).json()["warming"] is True
+        assert post(running, "/embed", {"inputs": ["while compiling"]}).status_code == 200
+        assert inline_count(running) == 0
+        release.set()
+        deadline = time.time() + 10
+        while httpx.get(running.url("/health")).json()["warming"] and time.time() < deadline:
+            time.sleep(0.01)
+        assert post(running, "/embed", {"inputs": ["warm now"]}).status_code == 200
+        assert inline_count(running) == 1
+    finally:
+        release.set()
+        running.stop()
+
+
 def test_the_server_measures_its_speed_for_the_inline_bound(apps):
     assert all(0 < s < 0.01 for s in apps[1].values()), apps[1]
 
