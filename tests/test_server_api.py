@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from corom_runtime import Embedder
-from corom_runtime.serving.app import ServerSettings, create_app
+from corom_runtime.serving.app import ServerSettings, create_app, default_max_items
 from corom_runtime.serving.batcher import BatcherSettings, DynamicBatcher, runs_inline
 from test_server import Running, free_port
 
@@ -283,6 +283,8 @@ def test_openai_sized_requests_are_accepted_and_limits_name_their_flag(served):
     r = post(served, "/v1/embeddings", {"input": [""] * 2048, "model": "all-minilm-l6-v2",
                                         "dimensions": 8, "precision": "ubinary", "encoding_format": "float"})
     assert r.status_code == 200 and [d["index"] for d in r.json()["data"]] == list(range(2048))
+    assert default_max_items(2048, 1000) == 1000 and default_max_items(300, 1000) == 300  # default follows the queue
+    assert default_max_items(5000, 1000) == 5000  # explicit: ServerSettings names the conflict
     r = post(served, "/embed", {"inputs": ["x"] * 2049})
     assert r.status_code == 413 and "--max-items" in error(r)
 

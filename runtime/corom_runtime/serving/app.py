@@ -495,8 +495,8 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings(),
         if warm is not None:  # an engine that compiles per shape: every bucket now, in the background
             warmer.start()
             state["warmer"] = warmer
-        try:
             state["batcher"].warming = warmer.is_alive  # no inline run while a first-hit compile may stall it
+        try:
             yield
         except asyncio.CancelledError:  # a forced exit (second signal): no drain, answer nobody
             stop_warming.set()
@@ -521,12 +521,12 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings(),
         Route("/v1/embeddings", endpoint(openai_embeddings), methods=["POST"]),
         Route("/embed", endpoint(embed), methods=["POST"]),
         Route("/similarity", endpoint(similarity), methods=["POST"]),
-        Route("/health", endpoint(health, protected=False), methods=["GET"]),
-        Route("/metrics", endpoint(metrics, protected=False), methods=["GET"]),
         Route("/v1/models", endpoint(list_models), methods=["GET"]),
         Route("/v1/models/{model:path}", endpoint(get_model), methods=["GET"]),
         Route("/info", endpoint(info), methods=["GET"]),
         Route("/tokenize", endpoint(tokenize), methods=["POST"]),
+        Route("/health", endpoint(health, protected=False), methods=["GET"]),
+        Route("/metrics", endpoint(metrics, protected=False), methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.state.corom = state
@@ -546,10 +546,6 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-def measure_rate(embedder: Embedder, batch: int = 16) -> float:
-    """Texts/s of full-length texts on this machine (warms the session up too): the drain deadline's base."""
-    text = " ".join(["measure"] * (embedder.artifact.max_length * 2))
-    embedder.encode([text] * 2)
 def token_spans(embedder: Embedder, texts: list[str], prompt: str, special: bool) -> list[list[dict]]:
     """TEI's /tokenize answer: per text (after `prompt`, cut at the model's window as it is embedded),
     its tokens with their ids, their text (the special token's own for a special one) and character offsets."""
@@ -564,6 +560,10 @@ def token_spans(embedder: Embedder, texts: list[str], prompt: str, special: bool
     return out
 
 
+def measure_rate(embedder: Embedder, batch: int = 16) -> float:
+    """Texts/s of full-length texts on this machine (warms the session up too): the drain deadline's base."""
+    text = " ".join(["measure"] * (embedder.artifact.max_length * 2))
+    embedder.encode([text] * 2)
     start = time.perf_counter()
     embedder.encode([text] * batch, batch_size=batch)
     return batch / max(time.perf_counter() - start, 1e-6)
@@ -572,6 +572,14 @@ def token_spans(embedder: Embedder, texts: list[str], prompt: str, special: bool
 def drain_seconds(max_queue: int, rate: float) -> float:
     """Time to finish a full queue of full-length texts at `rate`, with margin (10 s to 10 min)."""
     return float(min(600.0, max(10.0, 1.5 * max_queue / max(rate, 1e-3) + 5.0)))
+
+
+def default_max_items(max_items: int, max_queue: int) -> int:
+    """`--max-items` left at its default follows a smaller `--max-queue` (a request must fit the queue);
+    one given explicitly above it stays, and `ServerSettings` refuses the pair naming both flags."""
+    if max_items == ServerSettings.max_items and isinstance(max_queue, int) and 0 < max_queue < max_items:
+        return max_queue
+    return max_items
 
 
 def serve(args) -> int:
@@ -583,7 +591,7 @@ def serve(args) -> int:
     loopback = args.host in LOOPBACK_HOSTS
     hosts = tuple(args.allowed_host) if args.allowed_host else (LOOPBACK_HOSTS if loopback else None)
     settings = ServerSettings(
-        max_items=args.max_items, max_body_bytes=args.max_body_bytes,
+        max_items=default_max_items(args.max_items, args.max_queue), max_body_bytes=args.max_body_bytes,
         api_key=args.api_key or os.environ.get("COROM_API_KEY") or None, public_health=args.public_health,
         allowed_hosts=hosts, allowed_origins=tuple(args.allowed_origin or ()),
         body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
