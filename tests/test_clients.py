@@ -193,3 +193,12 @@ def test_haystack_openai_embedders(served, emb, monkeypatch):
     assert_same_vectors([d.embedding for d in docs], TEXTS, emb)
     query = OpenAITextEmbedder(**options).run(text=EXAMPLE_SOURCE)["embedding"]
     assert_same_vectors([query], [EXAMPLE_SOURCE], emb)
+
+
+def test_chromadb_openai_embedding_function(served, emb, monkeypatch):
+    # chromadb-client: the HTTP-only chromadb (~40 MB with its dependencies; the full chromadb is ~200 MB)
+    monkeypatch.setenv("ANONYMIZED_TELEMETRY", "False")
+    from chromadb.utils.embedding_functions.openai_embedding_function import OpenAIEmbeddingFunction
+
+    function = OpenAIEmbeddingFunction(api_key="unused", model_name="all-minilm-l6-v2", api_base=served + "/v1")
+    assert_same_vectors(function(TEXTS), TEXTS, emb)

@@ -88,7 +88,8 @@ def session(bundled_artifact, tmp_path_factory):
     cache = folder / "cache"
     (cache / "artifacts").mkdir(parents=True)
     (cache / "artifacts" / "all-minilm-l6-v2").symlink_to(bundled_artifact)  # `-m all-minilm-l6-v2`
-    os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")  # the client examples: no posthog calls
+    os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")  # the client examples: no telemetry calls
+    os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
     env = {**os.environ, "COROM_CACHE_DIR": str(cache),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     port = free_port()
