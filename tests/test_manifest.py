@@ -41,7 +41,7 @@ CASES = [
     ("max_length not a number", lambda d: damage(d, "max_length", "long"), "'max_length' must be a whole number"),
     ("max_length infinite", lambda d: damage(d, "max_length", 1e309), "'max_length' must be a whole number"),
     ("embedding_dim a bool", lambda d: damage(d, "embedding_dim", True), "'embedding_dim' must be a whole number"),
-    ("pooling unknown", lambda d: damage(d, "pooling", "max"), "'pooling' is 'max', expected one of"),
+    ("pooling unknown", lambda d: damage(d, "pooling", "median"), "'pooling' is 'median', expected one of"),
     ("variant file escapes", lambda d: damage(d, "variants.int8.file", "../../../etc/passwd"), "points outside the artifact"),
     ("variant file absolute", lambda d: damage(d, "variants.int8.file", "/etc/passwd"), "points outside the artifact"),
     ("variant file is the folder", lambda d: damage(d, "variants.int8.file", "."), "points outside the artifact"),
