@@ -68,27 +68,30 @@ def family(request) -> tuple[str, Tokenizer]:
     return request.param, tokenizer
 
 
-_OURS: dict[tuple[int, int], TextTokenizer] = {}
+# built once per reference and length (building one costs ~0.1 s); the reference is kept in the value
+# so that its id() is not reused by another tokenizer
+_BUILT: dict[tuple[str, int, int], tuple[Tokenizer, object]] = {}
+
+
+def _once(kind: str, reference: Tokenizer, max_length: int, build):
+    key = (kind, id(reference), max_length)
+    if key not in _BUILT:
+        _BUILT[key] = (reference, build())
+    return _BUILT[key][1]
 
 
 def ours(reference: Tokenizer, max_length: int = MAX_LENGTH) -> TextTokenizer:
-    """Ours over the same tokenizer (one per reference and length: building one costs ~0.1 s)."""
-    key = (id(reference), max_length)
-    if key not in _OURS:
-        _OURS[key] = TextTokenizer(Tokenizer.from_str(reference.to_str()), max_length)
-    return _OURS[key]
-
-
-_CUTTERS: dict[tuple[int, int], Tokenizer] = {}
+    return _once("ours", reference, max_length,
+                 lambda: TextTokenizer(Tokenizer.from_str(reference.to_str()), max_length))
 
 
 def hf_truncating(reference: Tokenizer, max_length: int) -> Tokenizer:
     """The HF tokenizer truncating at `max_length`: sentence-transformers' cut of prompt + text."""
-    key = (id(reference), max_length)
-    if key not in _CUTTERS:
-        _CUTTERS[key] = Tokenizer.from_str(reference.to_str())
-        _CUTTERS[key].enable_truncation(max_length)
-    return _CUTTERS[key]
+    def build() -> Tokenizer:
+        cutter = Tokenizer.from_str(reference.to_str())
+        cutter.enable_truncation(max_length)
+        return cutter
+    return _once("hf", reference, max_length, build)
 
 
 def specials(reference: Tokenizer) -> tuple[list[int], list[int]]:

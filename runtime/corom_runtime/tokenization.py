@@ -77,6 +77,7 @@ class _Start:
     offsets: list[tuple[int, int]]
     prompt_tokens: int
     total: int | None  # content tokens of the whole string; None: more than len(ids) - 1, not counted
+    tail: list[int] | None = None  # its last len(ids) tokens, where it was read whole and is longer
 
     def over(self, budget: int) -> bool:
         return len(self.ids) > budget
@@ -110,12 +111,26 @@ def _certain_tail(e: Encoding, count: int) -> bool:
     return first is not None and word is not None and word >= first + UNSURE_WORDS
 
 
-def _further(reach: int, tokens: int, wanted: int) -> int:
-    """The next read after `reach` characters gave `tokens` of the `wanted`: twice as far, or as far as
-    their density says with a margin of four (the prompt's tokens are among them). A run of blanks or
-    one giant word gives (almost) no tokens: the next read is the whole text, so the worst case costs
-    about one read of it, not a doubling series."""
-    return max(2 * reach, 4 * reach * wanted // max(tokens, 1))
+def _further(text: str, reach: int, tokens: int, wanted: int) -> int:
+    """The next read of `text` after its first `reach` characters gave `tokens` of the `wanted`: twice
+    as far, or as far as their density says with a margin of four (the prompt's tokens are among them),
+    and at least past the blank and non-blank runs the cut fell in and the next two (a pre-token never
+    spans a blank/non-blank change twice). A run of blanks or one giant word thus gives one next read
+    to its end, not a doubling series: the worst case costs about one read of the text."""
+    return max(2 * reach, 4 * reach * wanted // max(tokens, 1), _past_runs(text, reach))
+
+
+_RUNS = re.compile(r"\s+|\S+")
+
+
+def _past_runs(text: str, at: int, runs: int = 3) -> int:
+    """The index past the `runs` blank or non-blank runs from `at` on (the first may have begun before)."""
+    for _ in range(runs):
+        found = _RUNS.match(text, at)
+        if found is None:
+            return len(text)
+        at = found.end()
+    return at
 
 
 class TextTokenizer:
@@ -170,7 +185,9 @@ class TextTokenizer:
             if short:
                 raise InvalidInputError(f"the prompt alone takes {starts[short[0]].prompt_tokens} of this model's "
                                         f"{self.max_length} tokens: nothing of the text would be left")
-            ends = dict(zip(over, self._ends([texts[i] for i in over], prompt, [kept[i] for i in over])))
+            ends = {i: starts[i].tail[-kept[i]:] for i in over if starts[i].tail is not None}  # type: ignore[index]
+            unread = [i for i in over if i not in ends]  # only the start was read: read the end now
+            ends.update(zip(unread, self._ends([texts[i] for i in unread], prompt, [kept[i] for i in unread])))
         out = []
         for i, start in enumerate(starts):
             if i in ends:
@@ -277,15 +294,18 @@ class TextTokenizer:
             for i, piece, e in zip(todo, pieces, plain.encode_batch(pieces, add_special_tokens=False)):
                 whole = len(piece) == len(strings[i])
                 if not whole and not _certain_head(e, keep + 1):
-                    reach[i] = _further(reach[i], len(e), keep + 1)
+                    reach[i] = _further(strings[i], reach[i], len(e), keep + 1)
                     later.append(i)
                     continue
-                total = len(e) if whole else None
+                total, tail = (len(e) if whole else None), None
                 if len(e) > keep + 1:
                     e.truncate(keep + 1)  # in Rust: no Python list of a megabyte's tokens
+                    if whole:  # the rest is in pieces of keep + 1: the last two hold the last keep + 1
+                        rest = e.overflowing
+                        tail = ((rest[-2].ids if len(rest) > 1 else e.ids) + rest[-1].ids)[-(keep + 1):]
                 offsets = e.offsets
                 out[i] = _Start(e.ids, offsets, _prompt_tokens(offsets, prompt),
-                                total if total is not None and total <= keep else None)
+                                total if total is not None and total <= keep else None, tail)
             todo = later
         return out  # type: ignore[return-value]
 
@@ -295,6 +315,7 @@ class TextTokenizer:
         plain = self._untruncated()
         out: list[list[int] | None] = [None] * len(texts)
         reach = [PREFIX_CHARS_PER_TOKEN * (n + 1) for n in counts]
+        backwards: dict[int, str] = {}  # texts reversed, made when a suffix needs reading further
         todo = list(range(len(texts)))
         while todo:
             # a suffix that reaches the text's start is read with the prompt: the whole string, all certain
@@ -302,7 +323,9 @@ class TextTokenizer:
             later = []
             for i, piece, e in zip(todo, pieces, plain.encode_batch(pieces, add_special_tokens=False)):
                 if reach[i] < len(texts[i]) and not _certain_tail(e, counts[i]):
-                    reach[i] = _further(reach[i], len(e), counts[i])
+                    if i not in backwards:
+                        backwards[i] = texts[i][::-1]
+                    reach[i] = _further(backwards[i], reach[i], len(e), counts[i])
                     later.append(i)
                     continue
                 if len(e) > counts[i]:
