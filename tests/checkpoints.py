@@ -132,10 +132,11 @@ def write_roberta_checkpoint(folder: Path, seed: int = 0) -> Path:
 
 def write_st_folder(folder: Path, family: str = "bert", pooling: str = "mean", dense: int | None = None,
                     activation: str | None = "tanh", normalize: bool = False, max_seq_length: int = 48,
-                    seed: int = 0) -> Path:
+                    prompts: dict[str, str] | None = None, seed: int = 0) -> Path:
     """A sentence-transformers folder written by sentence-transformers itself (`model.save`): a tiny
     checkpoint of `family` ("bert": WordPiece, "xlm-roberta": Unigram/Metaspace, "roberta": byte-level
-    BPE) + Pooling(`pooling`) + optional Dense(`dense` wide, `activation`) + optional Normalize."""
+    BPE) + Pooling(`pooling`) + optional Dense(`dense` wide, `activation`) + optional Normalize, with
+    `prompts` (sentence-transformers' `prompt_name`s)."""
     from sentence_transformers import SentenceTransformer, models
     from transformers import PreTrainedTokenizerFast
 
@@ -164,6 +165,6 @@ def write_st_folder(folder: Path, family: str = "bert", pooling: str = "mean", d
         modules.append(models.Dense(modules[-1].get_embedding_dimension(), dense, activation_function=act))
     if normalize:
         modules.append(models.Normalize())
-    SentenceTransformer(modules=modules, device="cpu").save(str(folder))
+    SentenceTransformer(modules=modules, device="cpu", prompts=prompts).save(str(folder))
     shutil.rmtree(base)
     return folder

@@ -78,6 +78,23 @@ class Checkpoint:
                 return value
         return None
 
+    def prompts(self) -> dict[str, str]:
+        """The prompts a sentence-transformers folder names (`config_sentence_transformers.json`), which
+        `encode(prompt_name=...)` puts before a text there. A default prompt (applied to every text
+        without one) is refused: the runtime would embed those texts without it."""
+        path = self.folder / "config_sentence_transformers.json"
+        if self.layout != "sentence-transformers" or not path.is_file():
+            return {}
+        config = _json(path)
+        if config.get("default_prompt_name"):
+            raise SourceError(f"{path}: default_prompt_name {config['default_prompt_name']!r} (a prompt put before "
+                              "every text that names none) cannot be exported; pass that prompt_name explicitly, "
+                              "or remove default_prompt_name from the file")
+        prompts = config.get("prompts") or {}
+        if not all(isinstance(k, str) and k and isinstance(v, str) for k, v in prompts.items()):
+            raise SourceError(f"{path}: prompts must map names to texts, got {prompts!r}")
+        return dict(prompts)
+
 
 # sentence-transformers' pooling modes, by their saved names (the new `pooling_mode` and the legacy keys)
 POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",

@@ -6,8 +6,8 @@ of ranges calibrated at export (never of the request's own batch, so a vector do
 batch mates). Meanings are sentence-transformers' (`truncate_dim`, `quantize_embeddings`):
 
 - `ubinary`: `np.packbits(v > 0)` (uint8, dim/8 bytes); `binary`: the same minus 128, as int8.
-- `uint8` / `int8`: each dimension scaled from its calibrated [min, max] to 0..255 (int8: minus 128),
-  clipped where a value falls outside the calibrated range (sentence-transformers lets it wrap around).
+- `uint8` / `int8`: each dimension scaled from its calibrated [min, max] to 0..255, floored (int8: minus
+  128), clipped where a value falls outside the calibrated range: sentence-transformers' formula.
 
 >>> v = np.array([[0.6, -0.8, 0.0, 0.0]], dtype=np.float32)
 >>> [round(float(x), 2) for x in shape_vectors(v, truncate_dim=2, renormalize=True)[0]]
@@ -92,8 +92,9 @@ def quantize(vectors: np.ndarray, precision: str, ranges: Ranges | None = None) 
         raise InvalidInputError(f"precision {precision!r} needs calibration ranges: re-export the model with "
                                 "`corom export` (artifacts exported before vector quantization lack them)")
     steps = np.where(ranges.steps > 0, ranges.steps, 1.0)
-    levels = np.clip((vectors - ranges.starts) / steps, 0.0, 255.0)
-    # the casts truncate toward zero, as sentence-transformers' do: equal to its values in range
+    # floor before the shift, as sentence-transformers does: a cast after `- 128` truncates toward zero
+    # and put every negative int8 level one above its own
+    levels = np.clip(np.floor((vectors - ranges.starts) / steps), 0.0, 255.0)
     return levels.astype(np.uint8) if precision == "uint8" else (levels - 128.0).astype(np.int8)
 
 
