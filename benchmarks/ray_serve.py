@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from corom_runtime.machine import available_cpus
 
@@ -212,7 +213,35 @@ def main(argv: list[str] | None = None) -> None:
     for row in result["systems"].values():  # against corom serve of the same round
         base = result["systems"][f"corom serve (round {row['round']})"]["single"]["p50_ms"]
         row["proxy_cost_p50_ms"] = row["single"]["p50_ms"] - base
+    result["paired"] = paired(systems["corom serve"], systems["--ray, 1 replica"], args.queries * 2)
+    print("paired", result["paired"], flush=True)
     write_result(OUT, "ray-serve", result, markdown(result))
+
+
+def paired(plain: list[str], ray: list[str], n: int) -> dict:
+    """The proxy's cost with the load of a shared CPU taken out: both servers up at once, one query to
+    each in turn, so each pair of samples sees the same moment's load; the median of the differences."""
+    a, ca, _ = start(plain, False)
+    b, cb, _ = start(ray, True)
+    try:
+        diffs, plain_s, ray_s = [], [], []
+        for i in range(n):
+            body = {"inputs": [QUERIES[i % len(QUERIES)]]}
+            t = time.perf_counter()
+            assert ca.post("/embed", json=body).status_code == 200
+            t1 = time.perf_counter()
+            assert cb.post("/embed", json=body).status_code == 200
+            t2 = time.perf_counter()
+            plain_s.append(t1 - t)
+            ray_s.append(t2 - t1)
+            diffs.append((t2 - t1) - (t1 - t))
+    finally:
+        ca.close()
+        cb.close()
+        stop(b)
+        stop(a)
+    return {"requests": n, "corom_serve": percentiles(plain_s), "ray_1_replica": percentiles(ray_s),
+            "median_difference_ms": float(np.median(diffs) * 1000)}
 
 
 def markdown(result: dict) -> str:
@@ -233,6 +262,11 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {r['first_answer_s']:.1f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | "
                      f"{r['proxy_cost_p50_ms']:+.2f} | {c['requests_per_s']:.0f} | {c['p50_ms']:.1f} | "
                      f"{c['p99_ms']:.1f} | {c['errors']} | {proxy_cpu} | {mem_text} |")
+    p = result.get("paired")
+    if p:
+        lines += ["", f"Paired (both servers up, one query to each in turn, {p['requests']} pairs): corom serve "
+                      f"p50 {p['corom_serve']['p50_ms']:.2f} ms, --ray 1 replica p50 {p['ray_1_replica']['p50_ms']:.2f} ms; "
+                      f"median difference (the proxy's cost per request) {p['median_difference_ms']:+.2f} ms."]
     return "\n".join(lines) + "\n"
 
 

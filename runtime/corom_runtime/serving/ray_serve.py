@@ -476,7 +476,10 @@ def start(config: RayServeConfig, host: str, port: int, *, ray_init: Mapping[str
         ray.init(**init)
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     check_fits(config.ray, nodes, fixed_cluster=config.ray.address is None)
-    serve.start(http_options={"host": host, "port": port, "keep_alive_timeout_s": 5}, proxy_location="HeadOnly")
+    # on a cluster a proxy per node (put a load balancer in front): one proxy is one Python process,
+    # whose CPU per request bounds the whole application (benchmarks/results/ray-serve)
+    serve.start(http_options={"host": host, "port": port, "keep_alive_timeout_s": 5},
+                proxy_location="HeadOnly" if config.ray.address is None else "EveryNode")
     try:
         serve.run(build_app(config), name=APP_NAME, route_prefix=route_prefix, blocking=False)
     except RuntimeError as exc:
