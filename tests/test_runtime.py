@@ -118,7 +118,7 @@ def test_order_is_preserved_whatever_the_batching(opt, int8):
     np.testing.assert_allclose(reversed_, batched, atol=1e-5)
     # int8 scales activations per batch: same rows within the int8 tolerance, and in the same order
     q = int8.encode(texts, batch_size=7)
-    assert cosines(q, batched).min() > 0.98
+    assert cosines(q, batched).min() >= VARIANTS["int8"].gate.min_cosine  # the int8 gate, not a looser figure
     assert (np.argmax(q @ q.T - 2 * np.eye(100), axis=1) == np.argmax(batched @ batched.T - 2 * np.eye(100), axis=1)).mean() > 0.9
 
 
