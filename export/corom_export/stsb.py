@@ -26,12 +26,24 @@ class StsPairs:
         return self if n is None else StsPairs(self.first[:n], self.second[:n], self.gold[:n])
 
 
-def find_stsb() -> Path | None:
-    """The STSb folder: `COROM_STSB_DIR`, else `shared/data/stsb-en` beside the repository."""
+def stsb_candidates() -> list[Path]:
+    """Where the STSb folder is looked for, in order: `COROM_STSB_DIR`, then `shared/data/stsb-en` beside the
+    repository checkout (`../shared` of the folder holding `export/`)."""
     env = os.environ.get("COROM_STSB_DIR")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[3] / "shared" / "data" / "stsb-en")
-    return next((c for c in candidates if (c / FILE).is_file()), None)
+    return [*([Path(env)] if env else []), Path(__file__).resolve().parents[2].parent / "shared" / "data" / "stsb-en"]
+
+
+def find_stsb() -> Path | None:
+    """The STSb folder (`stsb_candidates`), or None."""
+    return next((c for c in stsb_candidates() if (c / FILE).is_file()), None)
+
+
+def stsb_missing() -> str | None:
+    """Why STSb is absent, naming the exact paths looked at and the fix; None when it is there."""
+    if find_stsb() is not None:
+        return None
+    looked = ", ".join(str(c / FILE) for c in stsb_candidates())
+    return f"STSb data absent: looked for {looked}; set COROM_STSB_DIR to the folder holding {FILE}"
 
 
 def load_pairs(folder: Path) -> StsPairs:

@@ -31,7 +31,7 @@ from .corpus import calibration_texts, parity_corpus
 from .parity import Parity, batch_invariance, compare, cosine_rows
 from .reference import SentenceEncoder, build_reference
 from .sources import resolve
-from .stsb import find_stsb, load_pairs, stsb_spearman
+from .stsb import find_stsb, load_pairs, stsb_missing, stsb_spearman
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, va
     pairs = None
     stsb_dir = find_stsb() if stsb else None
     if stsb and stsb_dir is None:
-        report.stsb_skipped = "../shared/data/stsb-en/stsb-en-dev.csv not found (set COROM_STSB_DIR)"
+        report.stsb_skipped = stsb_missing()
     elif stsb_dir is not None:
         pairs = load_pairs(stsb_dir).head(stsb_pairs)
         report.reference_stsb = stsb_spearman(
