@@ -87,3 +87,55 @@ def test_every_variant_gates_top10_and_batch_invariance_where_it_is_lossy():
         if spec.precision in ("int8", "bf16"):
             assert spec.gate.top10_agreement >= 0.97, name
     assert isinstance(VARIANTS["fp32"].gate, Gate) and VARIANTS["fp32"].gate.min_cosine >= 0.99999
+
+
+# -- verify and export, on the conformance suite's tiny sentence-transformers BERT -------------------
+
+from pathlib import Path  # noqa: E402
+
+from conftest import shared  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_st(tmp_path_factory) -> tuple[Path, Path]:
+    from checkpoints import write_st_folder
+    from test_conformance import FAMILIES, _export_tiny
+
+    folder = shared(tmp_path_factory, "st-bert", lambda out: write_st_folder(out, **FAMILIES["bert"]), "model")
+    return folder, shared(tmp_path_factory, "st-bert-artifact", lambda out: _export_tiny(folder, out), "artifact")
+
+
+def test_verify_compares_each_variant_with_the_reference(tiny_st, monkeypatch):
+    """A variant whose vectors are wrong fails verify (a verify comparing the variant with itself, or
+    the reference with itself, would pass it)."""
+    from corom_export.verify import verify_artifact
+    from corom_runtime import Embedder
+
+    _, artifact = tiny_st
+    honest = Embedder.embed_tokenized
+
+    def wrong(self, items, *args, **kwargs):
+        vectors = honest(self, items, *args, **kwargs)
+        return np.roll(vectors, 1, axis=1)  # every vector, each number one place over
+
+    kwargs = dict(n_queries=10, n_passages=40, variants=["fp32"], stsb=False, write=False, speed_texts=16,
+                  speed_rounds=1)
+    assert verify_artifact(artifact, **kwargs).passed  # the honest variant passes
+    monkeypatch.setattr(Embedder, "embed_tokenized", wrong)
+    (result,) = verify_artifact(artifact, **kwargs).results
+    assert not result.passed and any("min cosine" in f for f in result.failures), result.failures
+
+
+def test_export_is_deterministic(tiny_st, tmp_path):
+    """Two exports of one checkpoint write the same graphs and the same calibration vectors (a random
+    calibration subset, or any other draw, would make two artifacts of one model disagree)."""
+    import json
+
+    from test_conformance import _export_tiny
+
+    folder, first = tiny_st
+    again = tmp_path / "again"
+    _export_tiny(folder, again)
+    a, b = (json.loads((p / "manifest.json").read_text()) for p in (first, again))
+    assert {n: v["sha256"] for n, v in a["variants"].items()} == {n: v["sha256"] for n, v in b["variants"].items()}
+    assert a["quantization"]["sha256"] == b["quantization"]["sha256"]
