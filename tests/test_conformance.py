@@ -59,15 +59,14 @@ def _export_tiny(folder: Path, out: Path) -> None:
     manifest.write(out)
 
 
-@pytest.fixture(scope="session")
-def conformance_models(tmp_path_factory, bundled_artifact) -> dict[str, tuple[Path, Path]]:
-    """family -> (sentence-transformers folder, our artifact), each built once per test run."""
-    models = {"bundled": (bundled_folder(), bundled_artifact)}
-    for name, settings in FAMILIES.items():
-        folder = shared(tmp_path_factory, f"st-{name}", lambda out, s=settings: write_st_folder(out, **s), "model")
-        models[name] = (folder, shared(tmp_path_factory, f"st-{name}-artifact",
-                                       lambda out, f=folder: _export_tiny(f, out), "artifact"))
-    return models
+def conformance_model(request, tmp_path_factory, family: str) -> tuple[Path, Path]:
+    """(sentence-transformers folder, our artifact) of `family`, each built once per test run; the
+    bundled model's artifact is the session's (asked for only where needed: it costs minutes)."""
+    if family == "bundled":
+        return bundled_folder(), request.getfixturevalue("bundled_artifact")
+    settings = FAMILIES[family]
+    folder = shared(tmp_path_factory, f"st-{family}", lambda out: write_st_folder(out, **settings), "model")
+    return folder, shared(tmp_path_factory, f"st-{family}-artifact", lambda out: _export_tiny(folder, out), "artifact")
 
 
 def _l2(v: np.ndarray) -> np.ndarray:
@@ -75,13 +74,13 @@ def _l2(v: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("family", ["bundled", *FAMILIES])
-def test_fp32_variant_equals_sentence_transformers(conformance_models, family):
+def test_fp32_variant_equals_sentence_transformers(request, tmp_path_factory, family):
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.quantization import quantize_embeddings
 
     from corom_runtime import Embedder
 
-    folder, artifact = conformance_models[family]
+    folder, artifact = conformance_model(request, tmp_path_factory, family)
     st = SentenceTransformer(str(folder), device="cpu")
     ours = Embedder.load(artifact, variant="fp32", device="cpu", warmup=False, verify_here=False)
     assert ours.artifact.max_length == st.max_seq_length, "the window is the source's own"

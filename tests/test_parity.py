@@ -93,16 +93,13 @@ def test_every_variant_gates_top10_and_batch_invariance_where_it_is_lossy():
 
 from pathlib import Path  # noqa: E402
 
-from conftest import shared  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_st(tmp_path_factory) -> tuple[Path, Path]:
-    from checkpoints import write_st_folder
-    from test_conformance import FAMILIES, _export_tiny
+    from test_conformance import conformance_model
 
-    folder = shared(tmp_path_factory, "st-bert", lambda out: write_st_folder(out, **FAMILIES["bert"]), "model")
-    return folder, shared(tmp_path_factory, "st-bert-artifact", lambda out: _export_tiny(folder, out), "artifact")
+    return conformance_model(None, tmp_path_factory, "bert")
 
 
 def test_verify_compares_each_variant_with_the_reference(tiny_st, monkeypatch):

@@ -15,8 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import shared
-from test_conformance import FAMILIES, _export_tiny
+from test_conformance import conformance_model
 from test_server import Running
 
 TEXTS = ["how long does it take to get a master degree", "a", "naïve café 🙂",
@@ -32,10 +31,7 @@ REQUESTS = {
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory) -> Path:
-    from checkpoints import write_st_folder
-
-    folder = shared(tmp_path_factory, "st-bert", lambda out: write_st_folder(out, **FAMILIES["bert"]), "model")
-    return shared(tmp_path_factory, "st-bert-artifact", lambda out: _export_tiny(folder, out), "artifact")
+    return conformance_model(None, tmp_path_factory, "bert")[1]
 
 
 @pytest.fixture(scope="module")
