@@ -149,9 +149,9 @@ def test_non_string_item_names_its_index(int8):
 def test_huge_text_is_truncated_and_reported(opt):
     huge = "lorem ipsum dolor sit amet " * 40000  # ~1 MB
     emb, report = opt.encode([huge, "short"], return_report=True)
-    assert report[0].truncated and report[0].tokens == 128
+    assert report[0].truncated and report[0].tokens == opt.artifact.max_length  # the preset's window (256)
     assert not report[1].truncated
-    # what the model sees is the first 128 tokens, whatever follows them
+    # what the model sees is the first max_length tokens, whatever follows them
     np.testing.assert_allclose(emb[0], opt.encode([huge[: len(huge) // 100]])[0], atol=1e-5)
     assert np.isfinite(emb).all()
 
