@@ -44,6 +44,7 @@ DEPLOYMENT = "CoromReplica"
 # the proxy process reads its settings from here (it is started by Ray, not by us)
 PROXY_ENV = "COROM_RAY_PROXY"
 PROXY_CALLBACK = "corom_runtime.serving.ray_serve:proxy_callback"
+PROXY_GRACE_S = 1.0
 
 
 # -- settings: pure, checked before anything starts ----------------------------------------------------
@@ -368,7 +369,9 @@ class ProxyErrors:
             elif rewriting and message["type"] == "http.response.body":
                 if message.get("more_body", False):
                     return
-                await _send_error(send, *PROXY_ERRORS.get(rewriting[0], (rewriting[0], "error in the Ray proxy")))
+                status, text = PROXY_ERRORS.get(rewriting[0], (rewriting[0], "error in the Ray proxy"))
+                # no application (stopping): the client should not keep this connection, the proxy is next
+                await _send_error(send, status, text, close=rewriting[0] == 404)
                 return
             await send(message)
 
@@ -382,13 +385,15 @@ class ProxyErrors:
             await _send_error(send, *PROXY_ERRORS[500])
 
 
-async def _send_error(send, status: int, message: str) -> None:
+async def _send_error(send, status: int, message: str, close: bool = False) -> None:
     from corom_runtime.serving.http_errors import error_body
 
     body = json.dumps(error_body(status, message)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 503:
         headers.append((b"retry-after", b"1"))
+    if close:
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
@@ -516,6 +521,9 @@ def stop() -> None:
         # arriving meanwhile get 503. Shutting Serve down at once would close the proxy's connections
         # under requests in flight (measured: 'Server disconnected without sending a response').
         serve.delete(APP_NAME, _blocking=True)
+        # Ray kills its proxy outright (its shutdown is a no-op): first let it answer stragglers with a
+        # 503 that closes their connection, so only a request sent in the instant of the kill is cut
+        time.sleep(PROXY_GRACE_S)
         serve.shutdown()
     finally:
         if ray.is_initialized():
