@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queries", type=int, default=300, help="sequential single-query requests")
     parser.add_argument("--rounds", type=int, default=2,
                         help="the systems are measured in turn, this many times over (a busy CPU drifts)")
+    parser.add_argument("--paired-only", action="store_true",
+                        help="only the paired proxy-cost run (e.g. under RAY_SERVE_ENABLE_HA_PROXY=1, Ray's "
+                             "experimental HAProxy ingress, set in this environment)")
     args = parser.parse_args(argv)
     cpus = available_cpus()
     systems = {
@@ -188,6 +191,16 @@ def main(argv: list[str] | None = None) -> None:
         "--ray, 1 replica": ["-m", args.model, "--ray", "--replicas", "1", "--replica-cpus", str(cpus)],
         f"--ray, 2 replicas": ["-m", args.model, "--ray", "--replicas", "2", "--replica-cpus", str(cpus / 2)],
     }
+    if args.paired_only:
+        ingress = "haproxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "ray-proxy"
+        record = {"machine": describe(cpus), "model": args.model, "ray_ingress": ingress,
+                  "paired": paired(systems["corom serve"], systems["--ray, 1 replica"], args.queries * 2)}
+        p = record["paired"]
+        write_result(OUT, f"paired-{ingress}", record,
+                     f"Paired ({ingress}, {record['machine']['cpu']}, {record['machine']['date']}, {p['requests']} pairs): "
+                     f"corom serve p50 {p['corom_serve']['p50_ms']:.2f} ms, --ray 1 replica p50 "
+                     f"{p['ray_1_replica']['p50_ms']:.2f} ms, median difference {p['median_difference_ms']:+.2f} ms\n")
+        return
     result: dict = {"machine": describe(cpus), "model": args.model, "clients": args.clients, "seconds": args.seconds,
                     "note": "other engineers were using the same 2 CPUs during this run: absolute figures are "
                             "noisy; compare rows of this run only", "systems": {}}
