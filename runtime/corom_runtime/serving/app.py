@@ -582,15 +582,12 @@ def default_max_items(max_items: int, max_queue: int) -> int:
     return max_items
 
 
-def serve(args) -> int:
-    """Run the server for the CLI's parsed `args` (see `corom serve --help`). Exit status 0 after a drain."""
-    import uvicorn
-
-    from corom_runtime.serving.runner import DrainingServer, guarded_protocol
-
+def server_settings_from_args(args) -> ServerSettings:
+    """`corom serve`'s flags as checked settings: one mapping for `corom serve` and `--ray` (a bad flag
+    fails here, before any model loads)."""
     loopback = args.host in LOOPBACK_HOSTS
     hosts = tuple(args.allowed_host) if args.allowed_host else (LOOPBACK_HOSTS if loopback else None)
-    settings = ServerSettings(
+    return ServerSettings(
         max_items=default_max_items(args.max_items, args.max_queue), max_body_bytes=args.max_body_bytes,
         api_key=args.api_key or os.environ.get("COROM_API_KEY") or None, public_health=args.public_health,
         allowed_hosts=hosts, allowed_origins=tuple(args.allowed_origin or ()),
@@ -601,6 +598,16 @@ def serve(args) -> int:
                                 inline_max_tokens=args.inline_max_tokens,
                                 inline_max_ms=getattr(args, "inline_max_ms", BatcherSettings.inline_max_ms)),
     )
+
+
+def serve(args) -> int:
+    """Run the server for the CLI's parsed `args` (see `corom serve --help`). Exit status 0 after a drain."""
+    import uvicorn
+
+    from corom_runtime.serving.runner import DrainingServer, guarded_protocol
+
+    loopback = args.host in LOOPBACK_HOSTS
+    settings = server_settings_from_args(args)
     # settings are checked before the model loads: a bad flag fails in milliseconds, not after a load
     embedder = Embedder.load(args.model, variant=args.variant, device=args.device, threads=args.threads,
                              allow_fallback=args.allow_fallback)

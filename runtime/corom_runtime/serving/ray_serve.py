@@ -253,35 +253,6 @@ def build_app(config: RayServeConfig):
     return serve.deployment(name=DEPLOYMENT, **deployment_options(config))(ingress).bind(config)
 
 
-def _server_settings(args):
-    """`corom serve`'s ServerSettings for parsed `args`: app.server_settings_from_args where app.py has it
-    (asked for), else this mirror of what `app.serve` builds."""
-    import dataclasses
-
-    from corom_runtime.serving import app
-    from corom_runtime.serving.app import ServerSettings
-    from corom_runtime.serving.batcher import BatcherSettings
-    from corom_runtime.serving.guard import LOOPBACK_HOSTS
-
-    if hasattr(app, "server_settings_from_args"):
-        return app.server_settings_from_args(args)
-    extra = {f.name: getattr(args, f.name) for f in dataclasses.fields(BatcherSettings)
-             if f.name == "inline_max_ms" and hasattr(args, f.name)}
-
-    loopback = args.host in LOOPBACK_HOSTS
-    hosts = tuple(args.allowed_host) if args.allowed_host else (LOOPBACK_HOSTS if loopback else None)
-    return ServerSettings(
-        max_items=args.max_items, max_body_bytes=args.max_body_bytes,
-        api_key=args.api_key or os.environ.get("COROM_API_KEY") or None, public_health=args.public_health,
-        allowed_hosts=hosts, allowed_origins=tuple(args.allowed_origin or ()),
-        body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
-        max_connections=args.max_connections, drain_s=args.drain_seconds,
-        batcher=BatcherSettings(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
-                                max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                                inline_max_tokens=args.inline_max_tokens, **extra),
-    )
-
-
 def ray_settings_from_args(args) -> RaySettings:
     """The `--ray` flags, checked (pure: a bad one fails before Ray or the model is touched)."""
     autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
@@ -295,7 +266,9 @@ def ray_settings_from_args(args) -> RaySettings:
 def config_from_args(args) -> RayServeConfig:
     """`corom serve`'s parsed flags -> the config (the same settings `corom serve` builds)."""
     ray = ray_settings_from_args(args)
-    server = _server_settings(args)
+    from corom_runtime.serving.app import server_settings_from_args
+
+    server = server_settings_from_args(args)
     spec = ModelSpec(str(args.model), args.variant, args.device, args.threads, args.allow_fallback)
     return RayServeConfig(spec, server, ray, drain_s=server.drain_s or 60.0)
 
