@@ -207,14 +207,21 @@ def test_absent_provider_is_a_clear_error_or_logged_fallback(bundled_artifact, c
 
 def fastest_passed_cpu_variant(folder) -> str:
     """The fastest passed CPU variant as verify measured it, where a speed within 5% of a faster one
-    is a tie that the engine table's order decides (`selection.rank_by_speed`, tested on its own)."""
-    from corom_runtime.catalog import auto_order
+    is a tie that the more faithful, then the engine table's order, wins (`selection.rank_by_speed`,
+    tested on its own), among those of the default fidelity tier (`tiers`, tested on their own)."""
+    from corom_runtime.artifacts.manifest import Manifest
+    from corom_runtime.catalog import DEFAULT_FIDELITY, auto_order
     from corom_runtime.selection import SPEED_TIE
+    from corom_runtime.tiers import faithfulness, variant_tiers
 
-    variants = json.loads((folder / "manifest.json").read_text())["variants"]
-    timed = {n: v["speed"]["texts_per_s"] for n, v in variants.items() if v["passed"] and n in CPU_VARIANTS}
+    manifest = Manifest.read(folder / "manifest.json")
+    labels = {n: variant_tiers(v, manifest.quality.get("stsb_dev_spearman_reference"))
+              for n, v in manifest.variants.items()}
+    timed = {n: v.speed["texts_per_s"] for n, v in manifest.variants.items()
+             if v.passed and n in CPU_VARIANTS and DEFAULT_FIDELITY in labels[n]}
     best = max(timed.values())
-    return next(v.name for v in auto_order("cpu") if v.name in timed and timed[v.name] >= best * (1 - SPEED_TIE))
+    tied = [v.name for v in auto_order("cpu") if v.name in timed and timed[v.name] >= best * (1 - SPEED_TIE)]
+    return max(tied, key=lambda n: (faithfulness(labels[n]), -tied.index(n)))
 
 
 def test_auto_on_cpu_picks_the_fastest_passed_variant_and_info_says_so(bundled_artifact):

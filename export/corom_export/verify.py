@@ -28,7 +28,9 @@ from corom_runtime.machine import cpu_model
 from corom_runtime.tokenization import TextTokenizer, TokenizedText
 
 from .corpus import calibration_texts, parity_corpus
-from .parity import Parity, batch_invariance, compare, cosine_rows
+from corom_runtime.tiers import RETRIEVAL_KEY, retrieval_ndcg, tiers_of
+
+from .parity import Parity, batch_invariance, compare, cosine_rows, scores
 from .reference import SentenceEncoder, build_reference
 from .sources import resolve
 from .stsb import find_stsb, load_pairs, stsb_missing, stsb_spearman
@@ -46,10 +48,21 @@ class VariantResult:
     stsb_spearman: float | None = None
     skipped: str | None = None  # why it was not measured here (its engine is not installed)
     speed: dict = field(default_factory=dict)
+    # retrieval nDCG@10 over the parity corpus, judged by the reference (`tiers.retrieval_ndcg`)
+    retrieval_ndcg: float | None = None
 
     @property
     def passed(self) -> bool:
         return self.parity is not None and not self.failures
+
+    def figures(self) -> dict:
+        """The record the manifest keeps (and the fidelity tiers are derived from)."""
+        return {**(self.parity.to_dict() if self.parity else {}), "stsb_spearman": self.stsb_spearman,
+                RETRIEVAL_KEY: self.retrieval_ndcg}
+
+    def tiers(self, reference_stsb: float | None) -> tuple[str, ...]:
+        """The fidelity tiers it passed here (none where it failed its own gate)."""
+        return tiers_of(self.figures(), reference_stsb) if self.passed else ()
 
 
 @dataclass
@@ -70,24 +83,26 @@ class VerifyReport:
         return any(r.passed for r in self.results)
 
     def table(self) -> str:
-        head = (f"{'variant':8} {'min cos':>10} {'max |diff|':>11} {'top-10':>7} {'batch inv':>10} {'STSb':>7} "
-                f"{'texts/s':>8} {'gate':>6}  measured with")
+        head = (f"{'variant':12} {'min cos':>10} {'max |diff|':>11} {'top-10':>7} {'nDCG@10':>8} {'batch inv':>10} "
+                f"{'STSb':>7} {'texts/s':>8} {'gate':>6}  {'tiers':16} measured with")
         lines = [head, "-" * len(head)]
         if self.reference_stsb is not None:
-            lines.append(f"{'pytorch':8} {1.0:>10.6f} {0.0:>11.2e} {1.0:>7.4f} {1.0:>10.7f} "
-                         f"{self.reference_stsb:>7.4f} {'-':>8} {'ref':>6}  torch")
+            lines.append(f"{'pytorch':12} {1.0:>10.6f} {0.0:>11.2e} {1.0:>7.4f} {1.0:>8.4f} {1.0:>10.7f} "
+                         f"{self.reference_stsb:>7.4f} {'-':>8} {'ref':>6}  {'':16} torch")
         for r in self.results:
             p = r.parity
             stsb = f"{r.stsb_spearman:.4f}" if r.stsb_spearman is not None else "-"
             if p is None:
                 state = "skip" if r.skipped else "FAIL"
-                lines.append(f"{r.variant:8} {'-':>10} {'-':>11} {'-':>7} {'-':>10} {stsb:>7} {'-':>8} {state:>6}  "
-                             f"{r.skipped or '; '.join(r.failures)}")
+                lines.append(f"{r.variant:12} {'-':>10} {'-':>11} {'-':>7} {'-':>8} {'-':>10} {stsb:>7} {'-':>8} "
+                             f"{state:>6}  {'-':16} {r.skipped or '; '.join(r.failures)}")
                 continue
             speed = f"{r.speed['texts_per_s']:.0f}" if r.speed else "-"
-            lines.append(f"{r.variant:8} {p.min_cosine:>10.6f} {p.max_abs_diff:>11.2e} {p.top10_agreement:>7.4f} "
-                         f"{p.batch_invariance:>10.7f} {stsb:>7} {speed:>8} {'pass' if r.passed else 'FAIL':>6}  "
-                         f"{r.measured_with}" + ("" if r.passed else f"  ({'; '.join(r.failures)})"))
+            ndcg = f"{r.retrieval_ndcg:.4f}" if r.retrieval_ndcg is not None else "-"
+            tiers = "/".join(r.tiers(self.reference_stsb)) or "none"
+            lines.append(f"{r.variant:12} {p.min_cosine:>10.6f} {p.max_abs_diff:>11.2e} {p.top10_agreement:>7.4f} "
+                         f"{ndcg:>8} {p.batch_invariance:>10.7f} {stsb:>7} {speed:>8} {'pass' if r.passed else 'FAIL':>6}"
+                         f"  {tiers:16} {r.measured_with}" + ("" if r.passed else f"  ({'; '.join(r.failures)})"))
         if self.stsb_skipped:
             lines.append(f"STSb skipped: {self.stsb_skipped}")
         return "\n".join(lines)
@@ -286,15 +301,21 @@ def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, va
         worst = np.minimum(worst, cosine_rows(reference, np.nan_to_num(candidate)))
         parity = replace(compare(reference, candidate, n_queries, artifact.score),
                          batch_invariance=measure_batch_invariance(embedder, items[n_queries:]))
-        result = VariantResult(name, parity, gate, ", ".join(embedder.info.providers), parity.failures(gate))
+        result = VariantResult(name, parity, gate, ", ".join(embedder.info.providers), parity.failures(gate),
+                               retrieval_ndcg=retrieval_ndcg(
+                                   scores(reference[:n_queries], reference[n_queries:], artifact.score),
+                                   scores(np.nan_to_num(candidate[:n_queries]), np.nan_to_num(candidate[n_queries:]),
+                                          artifact.score)))
         if pairs is not None:
             result.stsb_spearman = stsb_spearman(embedder.encode, pairs)
         report.results.append(result)
         platforms[name] = Platform.here(entry.engine)
         if result.passed:
             embedders[name] = embedder
-        print(f"  {name}: min cos {parity.min_cosine:.6f}, top-10 {parity.top10_agreement:.4f}, batch invariance "
-              f"{parity.batch_invariance:.7f} -> {'pass' if result.passed else 'FAIL'}", file=sys.stderr, flush=True)
+        print(f"  {name}: min cos {parity.min_cosine:.6f}, top-10 {parity.top10_agreement:.4f}, nDCG@10 "
+              f"{result.retrieval_ndcg:.4f}, batch invariance {parity.batch_invariance:.7f} -> "
+              f"{'pass' if result.passed else 'FAIL'} (tiers: {'/'.join(result.tiers(report.reference_stsb)) or 'none'})",
+              file=sys.stderr, flush=True)
 
     if embedders:
         print(f"measuring the speed of {len(embedders)} passed variant(s) ({speed_rounds} interleaved rounds)",
@@ -319,9 +340,11 @@ def verify_artifact(path: Path, n_queries: int = 200, n_passages: int = 2000, va
             entry = manifest.variants[r.variant]
             entry.passed = r.passed
             entry.speed = r.speed
-            entry.parity = {**(r.parity.to_dict() if r.parity else {}), "gate": vars(r.gate),
-                            "measured_with": r.measured_with, "failures": r.failures,
-                            "stsb_spearman": r.stsb_spearman, "queries": n_queries, "passages": n_passages}
+            # the tiers are derived from these figures wherever needed (`tiers.variant_tiers`); the
+            # label written beside them is for people reading the manifest
+            entry.parity = {**r.figures(), "gate": vars(r.gate), "measured_with": r.measured_with,
+                            "failures": r.failures, "queries": n_queries, "passages": n_passages,
+                            "tiers": list(r.tiers(report.reference_stsb))}
             if r.variant in platforms:  # the verdict holds for this platform: replace its earlier record
                 here = platforms[r.variant]
                 entry.verified_on = [rec for rec in entry.verified_on if matching_record([rec], here) is None]

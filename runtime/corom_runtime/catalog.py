@@ -104,6 +104,34 @@ VARIANTS: dict[str, VariantSpec] = {v.name: v for v in (
                 "plain export (TensorRT's input)"),
 )}
 
+@dataclass(frozen=True)
+class Tier:
+    """A fidelity a user may ask for (`Embedder.load(..., fidelity=)`, `--fidelity`): the figures a
+    variant's record must show against the PyTorch reference to be labelled with it (`tiers.tiers_of`)."""
+
+    name: str
+    description: str
+    min_cosine: float
+    top10_agreement: float = 0.0
+    batch_invariance: float = 0.0
+    # share of fp32's task quality kept: STSb Spearman and retrieval nDCG@10 over the parity corpus
+    # (`tiers.retrieval_ndcg`); None: not judged on task quality
+    task_quality: float | None = None
+
+
+# Most faithful first: "the next tier up" is the one before. `faithful` is today's int8 gate, the default;
+# its batch invariance (0.999, the loosest variant gate's) still refuses per-batch int8 scales (0.997-0.998).
+TIERS: dict[str, Tier] = {t.name: t for t in (
+    Tier("exact", "min cos >= 0.9999 on every text (plus faithful's top-10 and batch invariance)",
+         min_cosine=0.9999, top10_agreement=0.97, batch_invariance=0.9999),
+    Tier("faithful", "min cos >= 0.99 on every text, top-10 agreement >= 0.97, batch-invariant",
+         min_cosine=0.99, top10_agreement=0.97, batch_invariance=0.999),
+    Tier("fast", "task quality within 1% of fp32 (STSb Spearman, retrieval nDCG@10 over the parity corpus), "
+                 "min cos >= 0.95: what the peers ship", min_cosine=0.95, task_quality=0.99),
+)}
+DEFAULT_FIDELITY = "faithful"
+
+
 # How token states become one vector, and how two vectors are scored: presets and manifests
 # accept these only.
 POOLINGS = ("cls", "mean", "max", "lasttoken", "weightedmean", "mean_sqrt_len_tokens")  # sentence-transformers' modes

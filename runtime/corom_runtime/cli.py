@@ -14,7 +14,8 @@ import traceback
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from corom_runtime.catalog import DEVICES, INT8_RECIPES, PRECISIONS, VARIANTS, device_names, variant_names
+from corom_runtime.catalog import (DEFAULT_FIDELITY, DEVICES, INT8_RECIPES, PRECISIONS, TIERS, VARIANTS,
+                                   device_names, variant_names)
 from corom_runtime.exporter import require_exporter
 from corom_runtime.errors import CoromError
 from corom_runtime.tokenization import DIRECTIONS
@@ -35,6 +36,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "(as `corom verify` measured it). "
                         + "; ".join(f"{v.name}: {v.engine} {v.precision} on {'/'.join(v.devices)}"
                                     for v in VARIANTS.values()))
+    p.add_argument("--fidelity", default=None, choices=["auto", *TIERS],
+                   help=f"the fidelity tier auto serves: the fastest variant that passed it (auto: "
+                        f"{DEFAULT_FIDELITY}, else the next tier up). "
+                        + "; ".join(f"{t.name}: {t.description}" for t in TIERS.values()).replace("%", "%%"))
     p.add_argument("--device", default="auto", choices=device_names(),
                    help="auto = the first accelerator present, else the CPU. "
                         + "; ".join(f"{d.name}: {d.description}" for d in DEVICES.values()))
@@ -48,7 +53,7 @@ def _load(args: argparse.Namespace, variant: str | None = None):
     from corom_runtime.embedder import Embedder
 
     return Embedder.load(args.model, variant=variant or args.variant, device=args.device, threads=args.threads,
-                         allow_fallback=args.allow_fallback)
+                         allow_fallback=args.allow_fallback, fidelity=getattr(args, "fidelity", None))
 
 
 def _read_texts(args: argparse.Namespace) -> Iterator[str]:
@@ -138,7 +143,7 @@ def _embed_corpus(args: argparse.Namespace) -> int:
 
         summary = run_ray(options, RayOptions(address=args.address, actors=args.actors,
                                               threads_per_actor=args.threads_per_actor),
-                          artifact=args.model, variant=args.variant, progress=progress)
+                          artifact=args.model, variant=args.variant, progress=progress, fidelity=args.fidelity)
     else:
         summary = embed_corpus(options, lambda recorded: _load(args, recorded), progress=progress)
     if single_npy:
@@ -206,7 +211,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         from corom_runtime.embedder import this_machine
 
         machine = this_machine(embedder.info.threads, embedder.info.device)
-        ranking = auto_ranking(embedder.artifact.variants, embedder.info.device, machine)
+        ranking = auto_ranking(embedder.artifact.variants, embedder.info.device, machine, embedder.info.fidelity,
+                               embedder.artifact.manifest.quality.get("stsb_dev_spearman_reference"))
     else:
         ranking = None
     if args.json:
@@ -219,14 +225,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def auto_ranking(variants: dict, device: str, machine) -> list[dict]:
+def auto_ranking(variants: dict, device: str, machine, tier: str | None = None,
+                 reference_stsb: float | None = None) -> list[dict]:
     """How `variant="auto"` ranked this artifact's variants for the device it chose (`selection`'s rule,
     re-traced, not re-decided): per variant in the table's order, whether it may run here and why not,
     the speed `corom verify` measured on this CPU and thread count, its rank, and ties within
-    `selection.SPEED_TIE` of a faster one (which the table's order breaks). Pure: `machine` is a
-    `selection.Machine`, `variants` the manifest's entries."""
+    `selection.SPEED_TIE` of a faster one (which the more faithful, then the table's order, wins). With
+    `tier`, the variants that did not pass it are excluded. Pure: `machine` is a `selection.Machine`,
+    `variants` the manifest's entries."""
     from corom_runtime.catalog import auto_order
     from corom_runtime.selection import measured_speed, rank_by_speed
+    from corom_runtime.tiers import faithfulness, variant_tiers
 
     order = [v.name for v in auto_order(device) if v.name in variants] + [n for n in variants if n not in VARIANTS]
     rows, speeds = [], {}
@@ -235,18 +244,22 @@ def auto_ranking(variants: dict, device: str, machine) -> list[dict]:
         why = ("failed its gate at export" if not entry.passed else f"not built for {device}"
                if device not in entry.devices else f"{entry.engine} not installed"
                if entry.engine not in machine.engines else None)
+        labels = variant_tiers(entry, reference_stsb)
+        if why is None and tier in TIERS and tier not in labels:
+            why = f"did not pass the {tier} tier"
         speed = measured_speed(entry, machine, device) if why is None else None
         if why is None:
             speeds[name] = speed
         recorded = entry.speed or {}
-        rows.append({"variant": name, "excluded": why, "texts_per_s": speed,
+        rows.append({"variant": name, "excluded": why, "texts_per_s": speed, "tiers": list(labels),
                      "measured_on": (f"{recorded.get('cpu')}, {recorded.get('threads')} threads"
                                      if recorded.get("texts_per_s") else None)})
-    ranked = rank_by_speed([r["variant"] for r in rows if r["excluded"] is None], speeds)
+    ranked = rank_by_speed([r["variant"] for r in rows if r["excluded"] is None], speeds,
+                           fidelity={r["variant"]: faithfulness(tuple(r["tiers"])) for r in rows})
     for row in rows:
         name, speed = row["variant"], row["texts_per_s"]
         row["rank"] = ranked.index(name) + 1 if name in ranked else None
-        # ranked above a faster variant: within the tie of it, the table's order put this one first
+        # ranked above a faster variant: within the tie of it, more faithful (or first in the table)
         faster = [n for n in ranked[ranked.index(name) + 1:] if speed and (speeds.get(n) or 0) > speed] \
             if name in ranked else []
         row["tie_with"] = faster[0] if faster else None
@@ -259,7 +272,7 @@ def _explain_auto(rows: list[dict], chosen: str) -> str:
     ranked = [r for r in rows if r["rank"]]
     measured = any(r["texts_per_s"] for r in ranked)
     rule = (f"the fastest `corom verify` measured on this CPU and thread count (speeds within {SPEED_TIE:.0%} of "
-            "the fastest are a tie, broken by the table's order)" if measured else
+            "the fastest are a tie, won by the more faithful, then the table's order)" if measured else
             "no speed was measured on this CPU and thread count: the table's order")
     lines = [f"auto        chose {chosen}: {rule}"]
     if ranked and ranked[0]["variant"] != chosen:
@@ -268,10 +281,10 @@ def _explain_auto(rows: list[dict], chosen: str) -> str:
         if r["rank"]:
             speed = f"{r['texts_per_s']:8.1f} texts/s" if r["texts_per_s"] else \
                 f"{'not measured here':>16}" + (f" (measured on {r['measured_on']})" if r["measured_on"] else "")
-            note = f"  (within {SPEED_TIE:.0%} of {r['tie_with']}: a tie, the table's order first)" if r["tie_with"] else ""
-            lines.append(f"{'':12}{r['rank']}. {r['variant']:8}{speed}{note}")
+            note = f"  (within {SPEED_TIE:.0%} of {r['tie_with']}: a tie, the more faithful first)" if r["tie_with"] else ""
+            lines.append(f"{'':12}{r['rank']}. {r['variant']:12}{speed}  [{'/'.join(r['tiers']) or 'no tier'}]{note}")
         else:
-            lines.append(f"{'':12}-  {r['variant']:8}excluded: {r['excluded']}")
+            lines.append(f"{'':12}-  {r['variant']:12}excluded: {r['excluded']}")
     return "\n".join(lines)
 
 

@@ -25,6 +25,7 @@ from corom_runtime.artifacts.cache import artifact_dir, cache_lock, cache_root
 from corom_runtime.engines.settings import SessionSettings
 from corom_runtime.engines.ort import ort_devices
 from corom_runtime.selection import Machine, choose_device, variant_order
+from corom_runtime.tiers import served_tier, variant_tiers
 from corom_runtime.machine import cpu_model
 from corom_runtime.engines.base import EncoderSession
 from corom_runtime.engines.registry import open_session
@@ -61,6 +62,10 @@ class EmbedderInfo:
     parity: dict = field(default_factory=dict)
     # the verdict of the variant's gate on this CPU (`cpu_check`); {} where not checked
     verified: dict = field(default_factory=dict)
+    # the fidelity tiers the variant passed (`tiers.variant_tiers`, from its recorded figures), and the
+    # tier this embedder serves: the one asked for, else the default's (or the next up that `auto` took)
+    tiers: list = field(default_factory=list)
+    fidelity: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -226,6 +231,7 @@ class Embedder:
             device=session.device, providers=list(session.providers), threads=session.threads,
             max_length=artifact.max_length, dim=artifact.dim, pooling=artifact.pooling,
             normalize=artifact.normalize, score=artifact.score, parity=dict(spec.parity),
+            tiers=list(variant_tiers(spec, artifact.manifest.quality.get("stsb_dev_spearman_reference"))),
         )
 
     @classmethod
@@ -241,6 +247,7 @@ class Embedder:
         warmup: bool = True,
         export_missing: bool = True,
         verify_here: bool = True,
+        fidelity: str | None = None,
     ) -> "Embedder":
         """Load an artifact folder, or a preset by name from the user cache (`corom_runtime.artifacts.presets`).
 
@@ -254,6 +261,11 @@ class Embedder:
         accelerator present, else "cpu"), "cpu", "cuda", "tensorrt", or OpenVINO's "gpu"/"npu"; an
         absent device raises `ProviderUnavailableError` unless `allow_fallback` lets it run on the CPU.
         `embedder.info` shows every choice.
+
+        fidelity: the tier "auto" serves (`corom_runtime.catalog.TIERS`): "exact", "faithful" or "fast";
+        the fastest variant that passed it on this CPU (a speed tie goes to the more faithful). None
+        ("auto"): "faithful", or the next tier up with a warning where no variant passed it; a named tier
+        no variant passed, or a named variant that did not pass a named tier, is an error.
 
         verify_here: a variant is served only where its gate holds. On a CPU or engine version the
         artifact was not verified on, its gate is checked once on the artifact's check set (seconds;
@@ -269,7 +281,8 @@ class Embedder:
         machine = this_machine(settings.resolved_threads(), device)
         supported = artifact.variants[variant].devices if variant in artifact.variants else None
         chosen_device = choose_device(device, machine.devices, allow_fallback, tuple(supported) if supported else None)
-        order = variant_order(artifact.variants, variant, chosen_device, machine, artifact.path)
+        order = variant_order(artifact.variants, variant, chosen_device, machine, artifact.path, fidelity,
+                              artifact.manifest.quality.get("stsb_dev_spearman_reference"))
         tokenizer_path = artifact.check_tokenizer()
         try:
             tokenizer = TextTokenizer.from_file(tokenizer_path, artifact.max_length)
@@ -303,6 +316,7 @@ class Embedder:
             if device != "auto" and not allow_fallback:
                 raise ProviderUnavailableError(f"{message}; fix that, or pass device='cpu' or allow_fallback=True")
             log.warning("%s; running on %s", message, embedder.session.device)
+        embedder.info = replace(embedder.info, fidelity=served_tier(tuple(embedder.info.tiers), fidelity))
         if warmup:  # a second, batched run: the engines allocate their buffers for more than one row
             embedder.encode(["warm up", "a somewhat longer warm-up text of a few more tokens"])
         log.info("loaded %s", embedder.info)

@@ -10,9 +10,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from corom_runtime.catalog import DEVICES, ENGINES, VARIANTS, auto_order, engines_of
+from corom_runtime.catalog import DEFAULT_FIDELITY, DEVICES, ENGINES, TIERS, VARIANTS, auto_order, engines_of
 from corom_runtime.errors import ArtifactError, ProviderUnavailableError
 from corom_runtime.artifacts.manifest import VariantEntry
+from corom_runtime.tiers import check_fidelity, faithfulness, tiers_up, variant_tiers
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ def choose_device(device: str, present: tuple[str, ...], allow_fallback: bool = 
     raise ProviderUnavailableError(f"{message}: {hint}, or use device='cpu'")
 
 
-# Speeds within this fraction of the fastest are a tie, decided by the engine table's order: a few
-# percent of measurement noise must not flip which recipe a user gets.
+# Speeds within this fraction of the fastest are a tie, which goes to the more faithful variant (then
+# the engine table's order): a few percent of measurement noise must not buy a user worse neighbours.
 SPEED_TIE = 0.05
 
 
@@ -64,39 +65,53 @@ def measured_speed(entry: VariantEntry, machine: Machine, device: str = "cpu") -
     return None
 
 
-def rank_by_speed(order: list[str], speeds: dict[str, float | None], tie: float = SPEED_TIE) -> list[str]:
-    """`order` (the table's preference) re-ranked by measured speed: the fastest first, where a speed
-    within `tie` of a faster one keeps the table's order; unmeasured variants follow in table order. Pure.
+def rank_by_speed(order: list[str], speeds: dict[str, float | None], tie: float = SPEED_TIE,
+                  fidelity: dict[str, int] | None = None) -> list[str]:
+    """`order` (the table's preference) re-ranked by measured speed: the fastest first, where among the
+    speeds within `tie` of the fastest the most faithful (`fidelity`: higher is more faithful, e.g.
+    `tiers.faithfulness`) goes first, then the table's order; unmeasured variants follow in table
+    order. Pure.
 
     >>> rank_by_speed(["a", "b", "c"], {"a": 100.0, "b": 103.0, "c": 200.0})
     ['c', 'a', 'b']
+    >>> rank_by_speed(["a", "b"], {"a": 104.0, "b": 100.0}, fidelity={"a": 1, "b": 2})
+    ['b', 'a']
     """
+    fidelity = fidelity or {}
     measured = [n for n in order if speeds.get(n)]
     ranked: list[str] = []
     while measured:
         best = max(speeds[n] for n in measured)
-        pick = next(n for n in measured if speeds[n] >= best * (1 - tie))
+        tied = [n for n in measured if speeds[n] >= best * (1 - tie)]
+        pick = max(tied, key=lambda n: (fidelity.get(n, 0), -tied.index(n)))
         ranked.append(pick)
         measured.remove(pick)
     return ranked + [n for n in order if not speeds.get(n)]
 
 
 def choose_variant(variants: dict[str, VariantEntry], requested: str, device: str, machine: Machine,
-                   artifact: Path) -> str:
+                   artifact: Path, fidelity: str | None = None, reference_stsb: float | None = None) -> str:
     """The variant to run on `device`: the first of `variant_order`."""
-    return variant_order(variants, requested, device, machine, artifact)[0]
+    return variant_order(variants, requested, device, machine, artifact, fidelity, reference_stsb)[0]
 
 
 def variant_order(variants: dict[str, VariantEntry], requested: str, device: str, machine: Machine,
-                  artifact: Path) -> list[str]:
+                  artifact: Path, fidelity: str | None = None, reference_stsb: float | None = None) -> list[str]:
     """The variants to try on `device`, best first (`Embedder.load` falls back along it when one
     fails its gate on this CPU).
 
-    An explicit name is the only one: it must exist, suit the device and have its engine installed.
-    "auto" takes the variants that passed their gate, suit the device and whose engine is installed,
-    in the engine table's order for the device (`engines.auto_order`), re-ranked by the speed measured
-    on this CPU and thread count (`rank_by_speed`).
+    An explicit name is the only one: it must exist, suit the device and have its engine installed
+    (and pass `fidelity`'s tier where one is named). "auto" takes the variants that passed their gate,
+    suit the device, whose engine is installed and that passed the tier (`tiers.variant_tiers`;
+    `reference_stsb` is the manifest's, which the fast tier's STSb figure is judged against), in the
+    engine table's order for the device (`engines.auto_order`), re-ranked by the speed measured on this
+    CPU and thread count (`rank_by_speed`: a tie goes to the more faithful). `fidelity` None ("auto"):
+    the default tier. Where no variant that runs here passed the tier, the next tier up, with a warning
+    (never down: a faithful request is never served a fast variant); none up the line is an error, and
+    so is a named variant that did not pass a named tier.
     """
+    named = check_fidelity(fidelity)
+    labels = {n: variant_tiers(e, reference_stsb) for n, e in variants.items()}
     if requested != "auto":
         entry = variants.get(requested)
         if entry is None:
@@ -108,17 +123,33 @@ def variant_order(variants: dict[str, VariantEntry], requested: str, device: str
             raise ProviderUnavailableError(
                 f"variant {requested!r} runs on {entry.engine}, which is not installed: "
                 f"{ENGINES[entry.engine].install}")
+        if named and named not in labels[requested]:
+            raise ArtifactError(f"variant {requested!r} of {artifact} did not pass the {named!r} tier "
+                                f"({TIERS[named].description}); it passed {list(labels[requested]) or 'none'}: "
+                                "ask for another tier, or leave the variant to auto")
         return [requested]
     order = [v.name for v in auto_order(device) if v.name in variants] + [n for n in variants if n not in VARIANTS]
-    candidates = [n for n in order if variants[n].passed and device in variants[n].devices
-                  and variants[n].engine in machine.engines]
-    if not candidates:
+    runnable = [n for n in order if variants[n].passed and device in variants[n].devices
+                and variants[n].engine in machine.engines]
+    if not runnable:
         skipped = [n for n in order if variants[n].passed and device in variants[n].devices]
         needed = sorted({variants[n].engine for n in skipped})
         why = (f"those that passed need {' or '.join(needed)}, not installed here; install one: "
                + " / ".join(ENGINES[e].install for e in needed if e in ENGINES)
                if skipped else "none passed its parity gate for it")
         raise ArtifactError(f"no variant of {artifact} can run on {device!r}: {why}")
-    return rank_by_speed(candidates, {n: measured_speed(variants[n], machine, device) for n in candidates})
-
-
+    passed = ", ".join(f"{n}: {'/'.join(labels[n]) or 'none'}" for n in runnable)
+    tried: list[str] = []
+    for tier in (tiers_up(named) if named else tiers_up(DEFAULT_FIDELITY)):
+        candidates = [n for n in runnable if tier in labels[n]]
+        if candidates:
+            if tried:
+                log.warning("no variant of %s that runs here passed the %r tier; serving the next tier up, %r "
+                            "(tiers passed: %s)", artifact, tried[0], tier, passed)
+            speeds = {n: measured_speed(variants[n], machine, device) for n in candidates}
+            return rank_by_speed(candidates, speeds, fidelity={n: faithfulness(labels[n]) for n in candidates})
+        tried.append(tier)
+    raise ArtifactError(f"no variant of {artifact} that runs on {device!r} passed the {tried[0]!r} tier "
+                        f"({TIERS[tried[0]].description}){' or a stricter one' if len(tried) > 1 else ''}; "
+                        f"tiers passed: {passed}. Ask for a tier one of them passed (tiers: {list(TIERS)}), or "
+                        "re-run `corom verify` where the figures are missing")

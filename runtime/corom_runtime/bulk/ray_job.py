@@ -91,7 +91,7 @@ class EmbedActor:
         return arrow_table(data, self.id_type)
 
 
-def resolve_artifact(artifact: str, variant: str):
+def resolve_artifact(artifact: str, variant: str, fidelity: str | None = None):
     """(artifact, concrete variant) as chosen on this machine: every replica then runs the same variant,
     even on a cluster whose nodes would each pick differently for "auto"."""
     from corom_runtime.embedder import artifact_or_export, this_machine
@@ -99,7 +99,8 @@ def resolve_artifact(artifact: str, variant: str):
 
     # the choice and the file checks of `Embedder.load`, without compiling a session the driver never runs
     chosen = artifact_or_export(artifact, export_missing=True)
-    name = choose_variant(chosen.variants, variant, "cpu", this_machine(1, "cpu"), chosen.path)
+    name = choose_variant(chosen.variants, variant, "cpu", this_machine(1, "cpu"), chosen.path, fidelity,
+                          chosen.manifest.quality.get("stsb_dev_spearman_reference"))
     chosen.check_variant(name)
     chosen.check_tokenizer()
     return chosen, name
@@ -173,7 +174,7 @@ def _blocks(rows, id_type: str, block_rows: int):
 
 
 def run_ray(options: BulkOptions, ray_options: RayOptions, artifact: str, variant: str = "auto",
-            progress: bool | None = None) -> BulkSummary:
+            progress: bool | None = None, fidelity: str | None = None) -> BulkSummary:
     """`corom embed --engine ray`: the corpus job of `bulk.embed_corpus`, on Ray Data.
 
     The same checked pass over the input (bad rows stop it before anything is written, or are
@@ -187,7 +188,7 @@ def run_ray(options: BulkOptions, ray_options: RayOptions, artifact: str, varian
     ray = import_ray()
     started = time.perf_counter()
     fmt, found, fingerprint = checked_input(options)
-    chosen, concrete = resolve_artifact(artifact, variant)
+    chosen, concrete = resolve_artifact(artifact, variant, fidelity)
     path = str(chosen.path)
     prompt = _prompt(chosen, options.prompt_name)
     from corom_runtime.tokenization import TextTokenizer

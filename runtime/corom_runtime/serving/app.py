@@ -463,6 +463,7 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings(),
             return JSONResponse({"status": status}, code)  # liveness only: no details without the key
         return JSONResponse({"status": status, "model": embedder.info.model, "variant": embedder.variant,
                              "engine": embedder.info.engine, "device": embedder.info.device,
+                             "fidelity": embedder.info.fidelity, "tiers": embedder.info.tiers,
                              "queued": b.queued if b else 0, "worker_alive": bool(b and b.healthy),
                              # shape buckets still compiling in the background: latency not yet steady
                              "warming": bool(state["warmer"] is not None and state["warmer"].is_alive()),
@@ -610,7 +611,7 @@ def serve(args) -> int:
     settings = server_settings_from_args(args)
     # settings are checked before the model loads: a bad flag fails in milliseconds, not after a load
     embedder = Embedder.load(args.model, variant=args.variant, device=args.device, threads=args.threads,
-                             allow_fallback=args.allow_fallback)
+                             allow_fallback=args.allow_fallback, fidelity=getattr(args, "fidelity", None))
     if not loopback and settings.api_key is None:
         log.warning("binding %s without an API key: anyone who can reach it can use it", args.host)
     app = create_app(embedder, settings, warm_buckets=True)  # a long-running server: compile every shape once

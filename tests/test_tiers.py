@@ -1,0 +1,213 @@
+"""Fidelity tiers: labels derived from recorded figures, auto's choice per tier, bad input. Pure
+functions over made-up figures, plus one load on the session artifact."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from corom_runtime.artifacts.manifest import Manifest, VariantEntry
+from corom_runtime.catalog import DEFAULT_FIDELITY, TIERS
+from corom_runtime.cli import build_parser, main
+from corom_runtime.errors import ArtifactError
+from corom_runtime.selection import Machine, choose_variant, rank_by_speed, variant_order
+from corom_runtime.tiers import (RETRIEVAL_KEY, check_fidelity, retrieval_ndcg, served_tier, tiers_of, tiers_up,
+                                 variant_tiers)
+
+ART = Path("/artifacts/m")
+CPU = Machine(devices=("cpu",), engines=frozenset({"onnxruntime", "openvino"}), cpu="EPYC", threads=2)
+REF_STSB = 0.90
+
+# figures as `corom verify` records them: one per tier, each just inside it
+EXACT = {"min_cosine": 0.99995, "top10_agreement": 0.995, "batch_invariance": 1.0, "finite": True,
+         "stsb_spearman": 0.8999, RETRIEVAL_KEY: 0.9999}
+FAITHFUL = {"min_cosine": 0.995, "top10_agreement": 0.975, "batch_invariance": 0.9999, "finite": True,
+            "stsb_spearman": 0.899, RETRIEVAL_KEY: 0.998}
+FAST = {"min_cosine": 0.97, "top10_agreement": 0.93, "batch_invariance": 0.998, "finite": True,
+        "stsb_spearman": 0.895, RETRIEVAL_KEY: 0.993}
+
+
+def entry(name: str, figures: dict | None, speed: float | None = None, passed: bool = True) -> VariantEntry:
+    e = VariantEntry.for_variant(name, sha256="0" * 64, weights_sha256="1" * 64)
+    e.passed, e.parity = passed, dict(figures or {})
+    if speed is not None:
+        e.speed = {"texts_per_s": speed, "cpu": "EPYC", "threads": 2}
+    return e
+
+
+def test_tier_table_is_ordered_most_faithful_first_and_nested():
+    names = list(TIERS)
+    assert names == ["exact", "faithful", "fast"] and DEFAULT_FIDELITY == "faithful"
+    floors = [TIERS[n].min_cosine for n in names]
+    assert floors == sorted(floors, reverse=True) and TIERS["exact"].min_cosine == 0.9999
+    assert TIERS["faithful"].top10_agreement == 0.97 and TIERS["fast"].min_cosine == 0.95
+    assert tiers_up("fast") == ["fast", "faithful", "exact"] and tiers_up("exact") == ["exact"]
+
+
+def test_labels_come_from_the_figures():
+    assert tiers_of(EXACT, REF_STSB) == ("exact", "faithful", "fast")
+    assert tiers_of(FAITHFUL, REF_STSB) == ("faithful", "fast")
+    assert tiers_of(FAST, REF_STSB) == ("fast",)
+    # each figure can cost a tier
+    assert tiers_of({**FAITHFUL, "top10_agreement": 0.969}, REF_STSB) == ("fast",)
+    assert tiers_of({**FAITHFUL, "batch_invariance": 0.998}, REF_STSB) == ("fast",)
+    assert tiers_of({**EXACT, "min_cosine": 0.99989}, REF_STSB) == ("faithful", "fast")
+    assert tiers_of({**FAST, "stsb_spearman": 0.89}, REF_STSB) == ()          # 98.9% of fp32's STSb
+    assert tiers_of({**FAST, RETRIEVAL_KEY: 0.985}, REF_STSB) == ()
+    assert tiers_of({**FAST, "min_cosine": 0.949}, REF_STSB) == ()
+    assert tiers_of({**EXACT, "finite": False}, REF_STSB) == ()
+    # a figure not recorded fails only the tiers that need it
+    assert tiers_of(FAITHFUL, None) == ("faithful",)
+    assert tiers_of({k: v for k, v in FAITHFUL.items() if k != RETRIEVAL_KEY}, REF_STSB) == ("faithful",)
+
+
+def test_a_variant_that_failed_its_gate_has_no_tier_and_unverified_ones_get_their_gates_floors():
+    assert variant_tiers(entry("ov-int8", FAITHFUL, passed=False), REF_STSB) == ()
+    # passed, no figures recorded: what its gate guaranteed (no task quality: never `fast`)
+    assert variant_tiers(entry("ov-int8", None)) == ("faithful",)
+    assert variant_tiers(entry("ov-bf16", None)) == ("exact", "faithful")
+    assert variant_tiers(entry("opt", None)) == ("exact", "faithful")
+
+
+def test_a_manifest_from_before_tiers_loads_with_tiers_from_its_figures(tmp_path):
+    """The pre-built artifact's figures as recorded before tiers (no retrieval figure, no label)."""
+    data = {"name": "m", "source": "s", "pooling": "mean", "normalize": True, "score": "cosine", "max_length": 128,
+            "embedding_dim": 4, "format_version": 2, "tokenizer": {"file": "tokenizer.json", "sha256": "0" * 64},
+            "quality": {"stsb_dev_spearman_reference": 0.9334},
+            "variants": {
+                "ov-int8": {"file": "model.ov-int8.xml", "sha256": "0" * 64, "engine": "openvino", "precision": "int8",
+                            "devices": ["cpu"], "weights_file": "model.ov-int8.bin", "weights_sha256": "1" * 64,
+                            "passed": True, "parity": {"min_cosine": 0.99518, "top10_agreement": 0.9755,
+                                                       "batch_invariance": 1.0, "finite": True,
+                                                       "stsb_spearman": 0.9335}},
+                "ov-bf16": {"file": "model.fp32.onnx", "sha256": "0" * 64, "engine": "openvino", "precision": "bf16",
+                            "devices": ["cpu"], "passed": True,
+                            "parity": {"min_cosine": 0.99995, "top10_agreement": 0.9945, "batch_invariance": 1.0,
+                                       "finite": True, "stsb_spearman": 0.9333}}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    manifest = Manifest.read(tmp_path / "manifest.json")
+    ref = manifest.quality["stsb_dev_spearman_reference"]
+    assert variant_tiers(manifest.variants["ov-int8"], ref) == ("faithful",)
+    assert variant_tiers(manifest.variants["ov-bf16"], ref) == ("exact", "faithful")
+
+
+def test_retrieval_ndcg_forgives_near_ties_not_lost_neighbours():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(20, 300))
+    assert retrieval_ndcg(ref, ref) == 1.0
+    assert retrieval_ndcg(ref, ref + rng.normal(scale=1e-3, size=ref.shape)) > 0.999
+    lost = ref.copy()
+    lost[np.arange(20), ref.argmax(1)] = -10  # every query's best passage pushed out
+    assert retrieval_ndcg(ref, lost) < 0.95
+
+
+def test_unknown_tier_is_a_clear_error_listing_the_tiers():
+    assert check_fidelity(None) is None and check_fidelity("auto") is None and check_fidelity("fast") == "fast"
+    with pytest.raises(ValueError, match=r"fidelity must be one of \['exact', 'faithful', 'fast'\].*got 'fastest'"):
+        check_fidelity("fastest")
+    with pytest.raises(ValueError, match="fidelity must be one of"):
+        choose_variant({"ov-int8": entry("ov-int8", FAITHFUL)}, "auto", "cpu", CPU, ART, "quick")
+
+
+def test_auto_runs_the_fastest_of_the_tier_and_a_tie_goes_to_the_more_faithful():
+    variants = {"ov-int8": entry("ov-int8", FAITHFUL, speed=530.0), "ov-bf16": entry("ov-bf16", EXACT, speed=520.0),
+                "int8": entry("int8", FAST, speed=700.0), "opt": entry("opt", EXACT, speed=240.0)}
+    pick = lambda fidelity=None: choose_variant(variants, "auto", "cpu", CPU, ART, fidelity, REF_STSB)  # noqa: E731
+    # ov-int8 is 2% faster than ov-bf16: a tie, which the exact variant wins (the table puts ov-int8 first)
+    assert pick() == "ov-bf16" and pick("faithful") == "ov-bf16"
+    assert pick("exact") == "ov-bf16"
+    assert pick("fast") == "int8"
+    variants["ov-int8"].speed["texts_per_s"] = 560.0  # 7.7% faster: no longer a tie
+    assert pick() == "ov-int8"
+    assert variant_order(variants, "auto", "cpu", CPU, ART, "exact", REF_STSB) == ["ov-bf16", "opt"]
+    assert rank_by_speed(["a", "b", "c"], {"a": 100.0, "b": 98.0, "c": 97.0}, fidelity={"a": 1, "b": 1, "c": 2}) \
+        == ["c", "a", "b"]
+
+
+def test_a_tier_nobody_passed_goes_up_with_a_warning_never_down(caplog):
+    # fast asked, but no variant recorded the fast tier's task-quality figures: the next tier up
+    no_fast = {"ov-int8": entry("ov-int8", {**FAITHFUL, RETRIEVAL_KEY: None}, speed=500.0),
+               "opt": entry("opt", {**EXACT, RETRIEVAL_KEY: None}, speed=200.0)}
+    with caplog.at_level(logging.WARNING):
+        assert choose_variant(no_fast, "auto", "cpu", CPU, ART, "fast", REF_STSB) == "ov-int8"
+    assert "no variant of /artifacts/m that runs here passed the 'fast' tier; serving the next tier up, 'faithful'" \
+        in caplog.text
+    # none faithful runs here (the exact one's engine is missing): exact is not faithful's fallback
+    # either, and fast is never taken for it: a clear error naming the tiers each variant passed
+    no_openvino = Machine(("cpu",), frozenset({"onnxruntime"}), "EPYC", 2)
+    mixed = {"ov-bf16": entry("ov-bf16", EXACT, speed=500.0), "int8": entry("int8", FAST, speed=900.0)}
+    with pytest.raises(ArtifactError, match=r"passed the 'faithful' tier \(.*\) or a stricter one; tiers passed: "
+                                            r"int8: fast"):
+        choose_variant(mixed, "auto", "cpu", no_openvino, ART, None, REF_STSB)
+    with pytest.raises(ArtifactError, match=r"passed the 'exact' tier \(min cos >= 0.9999"):
+        choose_variant(mixed, "auto", "cpu", no_openvino, ART, "exact", REF_STSB)
+    assert choose_variant(mixed, "auto", "cpu", no_openvino, ART, "fast", REF_STSB) == "int8"
+
+
+def test_a_named_variant_is_checked_against_a_named_tier():
+    variants = {"int8": entry("int8", FAST), "ov-bf16": entry("ov-bf16", EXACT)}
+    assert choose_variant(variants, "int8", "cpu", CPU, ART, None, REF_STSB) == "int8"   # no tier named: served
+    assert choose_variant(variants, "ov-bf16", "cpu", CPU, ART, "faithful", REF_STSB) == "ov-bf16"
+    with pytest.raises(ArtifactError, match=r"variant 'int8' of /artifacts/m did not pass the 'faithful' tier.*\['fast'\]"):
+        choose_variant(variants, "int8", "cpu", CPU, ART, "faithful", REF_STSB)
+    assert served_tier(("fast",), None) == "fast" and served_tier(("exact", "faithful"), None) == "faithful"
+    assert served_tier(("exact", "faithful"), "exact") == "exact" and served_tier((), None) == "none"
+
+
+def test_cli_offers_the_tiers_on_serve_embed_and_info():
+    sub = build_parser()._subparsers._group_actions[0].choices
+    for command in ("serve", "embed", "info"):
+        actions = {a.dest: a for a in sub[command]._actions}
+        assert list(actions["fidelity"].choices) == ["auto", *TIERS], command
+
+
+def test_load_serves_the_asked_tier_on_the_session_artifact(bundled_artifact, capsys):
+    from corom_runtime import Embedder
+
+    emb = Embedder.load(bundled_artifact, fidelity="exact")
+    assert emb.info.fidelity == "exact" and "exact" in emb.info.tiers
+    default = Embedder.load(bundled_artifact)
+    assert default.info.fidelity == DEFAULT_FIDELITY and DEFAULT_FIDELITY in default.info.tiers
+    with pytest.raises(ValueError, match="fidelity must be one of"):
+        Embedder.load(bundled_artifact, fidelity="lossless")
+    assert main(["info", "-m", str(bundled_artifact), "--device", "cpu", "--fidelity", "exact", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["fidelity"] == "exact" and info["variant"] == emb.variant
+    assert all(r["excluded"] or "exact" in r["tiers"] for r in info["auto"])
+
+
+def test_manifest_without_labels_still_loads(tmp_path, bundled_artifact):
+    """A copy of the session artifact with the tier labels and retrieval figures removed (a manifest
+    from before tiers) loads, and auto serves the same variant."""
+    copy = tmp_path / "old"
+    shutil.copytree(bundled_artifact, copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    for v in data["variants"].values():
+        v["parity"].pop("tiers", None)
+        v["parity"].pop(RETRIEVAL_KEY, None)
+    (copy / "manifest.json").write_text(json.dumps(data))
+    from corom_runtime import Embedder
+
+    emb = Embedder.load(copy, verify_here=False, warmup=False)
+    assert emb.info.fidelity == "faithful" and "fast" not in emb.info.tiers
+
+
+def test_health_shows_the_tier(bundled_artifact):
+    import httpx
+
+    from corom_runtime import Embedder
+    from corom_runtime.serving.app import ServerSettings, create_app
+    from test_server import Running
+
+    emb = Embedder.load(bundled_artifact, variant="opt", device="cpu", fidelity="exact", verify_here=False)
+    running = Running(create_app(emb, ServerSettings()))
+    try:
+        health = httpx.get(running.url("/health")).json()
+    finally:
+        running.stop()
+    assert health["fidelity"] == "exact" and "exact" in health["tiers"] and health["variant"] == "opt"
