@@ -21,6 +21,11 @@ EXAMPLE_CANDIDATES = [
 ]
 
 
+# the variants the suite's session artifacts hold: all but ov-int8-fast (one more NNCF pass and one more
+# verified variant, tested through its pure parts in test_tiers.py)
+SUITE_VARIANTS = ("fp32", "opt", "fp16", "int8", "ov-int8", "ov-bf16")
+
+
 def shared(tmp_path_factory, key: str, build: Callable[[Path], object], leaf: str) -> Path:
     """`KEY/LEAF`, a session fixture's folder built once per test run however many pytest-xdist workers
     ask for it: the first builds it (`build(KEY/LEAF)`) under a file lock, the others wait and reuse it
@@ -50,7 +55,7 @@ def bundled_artifact(tmp_path_factory) -> Path:
     from corom_export.verify import verify_artifact
 
     def build(out: Path) -> None:
-        export_artifact("all-minilm-l6-v2", out, ExportOptions())
+        export_artifact("all-minilm-l6-v2", out, ExportOptions(variants=SUITE_VARIANTS))
         verify_artifact(out, stsb_pairs=300, speed_texts=96, speed_rounds=2)
     return shared(tmp_path_factory, "bundled", build, "all-minilm-l6-v2")
 
@@ -73,7 +78,7 @@ def corom_artifact(tmp_path_factory, corom_checkpoint) -> Path:
     from corom_export.verify import verify_artifact
 
     def build(out: Path) -> None:
-        export_artifact(str(corom_checkpoint), out, ExportOptions())
+        export_artifact(str(corom_checkpoint), out, ExportOptions(variants=SUITE_VARIANTS))
         # random weights: STSb means nothing here, and the speed pass only has to exist
         verify_artifact(out, n_queries=60, n_passages=500, stsb=False, speed_texts=64, speed_rounds=1)
     return shared(tmp_path_factory, "corom", build, "corom-like")

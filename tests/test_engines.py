@@ -51,7 +51,7 @@ def test_cli_choices_come_from_the_table():
 def test_auto_order_puts_the_accelerator_recipe_first():
     assert auto_order("tensorrt")[0].name == "fp32"
     assert auto_order("cuda")[0].name == "fp16"
-    assert [v.name for v in auto_order("cpu")][:3] == ["ov-int8", "ov-bf16", "int8"]
+    assert [v.name for v in auto_order("cpu")][:4] == ["ov-int8-fast", "ov-int8", "ov-bf16", "int8"]
     assert all("cpu" in v.devices for v in auto_order("cpu"))
 
 

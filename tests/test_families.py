@@ -14,6 +14,7 @@ import torch
 from tokenizers import Tokenizer
 
 from checkpoints import write_roberta_checkpoint, write_xlmr_checkpoint
+from conftest import SUITE_VARIANTS
 from corom_export.build import ExportOptions, export_artifact
 from corom_export.families import FAMILIES, family_for
 from corom_export.int8 import ffn_matmuls_by_weight
@@ -35,7 +36,8 @@ def family_artifact(request, tmp_path_factory):
     folder = WRITERS[family](tmp_path_factory.mktemp(family) / "checkpoint")
     out = tmp_path_factory.mktemp(family) / "artifact"
     # a local folder with a preset's settings: multilingual-e5-small's mean pooling, normalisation, prompts
-    export_artifact(str(folder), out, ExportOptions(preset="multilingual-e5-small", max_length=64))
+    export_artifact(str(folder), out, ExportOptions(preset="multilingual-e5-small", max_length=64,
+                                                    variants=SUITE_VARIANTS))
     report = verify_artifact(out, n_queries=50, n_passages=300, stsb=False)
     return family, folder, out, report
 

@@ -84,7 +84,7 @@ def test_every_gate_figure_can_fail_the_verdict(field, value, named):
 def test_every_variant_gates_top10_and_batch_invariance_where_it_is_lossy():
     for name, spec in VARIANTS.items():
         assert spec.gate.batch_invariance >= 0.999, name
-        if spec.precision in ("int8", "bf16"):
+        if spec.precision in ("int8", "bf16") and name != "ov-int8-fast":  # the fast tier: task quality
             assert spec.gate.top10_agreement >= 0.97, name
     assert isinstance(VARIANTS["fp32"].gate, Gate) and VARIANTS["fp32"].gate.min_cosine >= 0.99999
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import EXAMPLE_CANDIDATES, EXAMPLE_SOURCE
+from conftest import EXAMPLE_CANDIDATES, EXAMPLE_SOURCE, SUITE_VARIANTS
 from corom_export.reference import build_reference
 from corom_export.sources import resolve
 from corom_runtime import Embedder, ProviderUnavailableError
@@ -23,7 +23,8 @@ from corom_runtime.machine import available_cpus
 from corom_runtime.catalog import VARIANTS, engine_installed
 
 GATE_COS = {name: spec.gate.min_cosine for name, spec in VARIANTS.items()}
-CPU_VARIANTS = [n for n, v in VARIANTS.items() if "cpu" in v.devices and engine_installed(v.engine)]
+CPU_VARIANTS = [n for n, v in VARIANTS.items() if "cpu" in v.devices and engine_installed(v.engine)
+                and n in SUITE_VARIANTS]
 
 
 @pytest.fixture(scope="module")

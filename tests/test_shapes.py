@@ -6,12 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import SUITE_VARIANTS
 from corom_runtime import Embedder
 from corom_runtime.batching import pad_batch
 from corom_runtime.catalog import ENGINES, VARIANTS, engine_installed
 from corom_runtime.shapes import BATCH_SIZES, bucket_length, bucket_rows, bucket_shapes, pad_to_bucket
 
-OPENVINO_VARIANTS = [n for n, v in VARIANTS.items() if v.engine == "openvino" and "cpu" in v.devices]
+OPENVINO_VARIANTS = [n for n, v in VARIANTS.items() if v.engine == "openvino" and "cpu" in v.devices
+                     and n in SUITE_VARIANTS]
 
 
 @pytest.mark.parametrize("max_length", [16, 72, 128, 512])

@@ -211,3 +211,36 @@ def test_health_shows_the_tier(bundled_artifact):
     finally:
         running.stop()
     assert health["fidelity"] == "exact" and "exact" in health["tiers"] and health["variant"] == "opt"
+
+
+def test_the_fast_recipe_quantizes_every_weight_matmul_and_keeps_the_activation_products():
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from corom_export.openvino_int8 import RECIPES, kept_in_float
+
+    weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+         helper.make_node("MatMul", ["h", "x"], ["y"], name="scores")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])], [weight])
+    model = helper.make_model(graph)
+    assert kept_in_float(model, "full", 4, 16) == ["scores"]
+    with pytest.raises(ValueError, match="recognise"):  # the Q/K/V recipe refuses a graph without an FFN
+        kept_in_float(model, "qkv", 4, 16)
+    with pytest.raises(ValueError, match=r"unknown OpenVINO int8 recipe 'all'; known: \['full', 'qkv'\]"):
+        kept_in_float(model, "all", 4, 16)
+    assert RECIPES["full"] is None   # NNCF's transformer preset as the peers run it
+
+
+def test_export_takes_a_variant_list(tmp_path):
+    from corom_export.build import ExportOptions, export_artifact
+    from corom_runtime.catalog import VARIANTS
+    from corom_runtime.errors import CoromError
+
+    assert ExportOptions().wants("ov-int8-fast") and not ExportOptions(variants=("opt",)).wants("ov-int8-fast")
+    with pytest.raises(CoromError, match=r"unknown variant\(s\) \['ov-int4'\]: the variants are"):
+        export_artifact("all-minilm-l6-v2", tmp_path / "x", ExportOptions(variants=("opt", "ov-int4")))
+    assert "ov-int8-fast" in VARIANTS and VARIANTS["ov-int8-fast"].gate.min_cosine == TIERS["fast"].min_cosine
+

@@ -49,6 +49,12 @@ class ExportOptions:
     openvino: bool = True  # the OpenVINO variants, when openvino and nncf are installed
     force: bool = False
     preset: str | None = None  # a checkpoint folder exported with this preset's settings (and prompts)
+    # which of the table's variants the artifact holds (None: all); fp16's and ov-int8-fast's steps are
+    # skipped when not wanted, any other unwanted variant is left out of the manifest and folder
+    variants: tuple[str, ...] | None = None
+
+    def wants(self, name: str) -> bool:
+        return self.variants is None or name in self.variants
 
 
 def settings_for(model: str, options: ExportOptions) -> tuple[Preset, str | None, Checkpoint]:
@@ -119,6 +125,9 @@ def export_artifact(model: str, out: Path, options: ExportOptions = ExportOption
     if options.int8_static and options.int8_recipe in ("nbits8", "smooth"):
         raise CoromError(f"--int8-static calibrates activation ranges; the {options.int8_recipe!r} recipe has none "
                          "(use --int8-recipe attention, no-ffn-out or full with it)")
+    unknown = sorted(set(options.variants or ()) - set(VARIANTS))
+    if unknown:
+        raise CoromError(f"unknown variant(s) {unknown}: the variants are {list(VARIANTS)}")
     if out.exists() and not options.force:
         raise CoromError(f"{out} already exists; pass --force to replace it, or choose another --out")
     if out.exists():
@@ -163,8 +172,9 @@ def export_artifact(model: str, out: Path, options: ExportOptions = ExportOption
         add_variant(manifest, work, "opt")
 
         _step(4, total, "converting to fp16 (LayerNorm, Softmax and pooling kept fp32)")
-        optimize.write_fp16(OnnxModel(onnx.load(str(work / FILES["opt"]))), work / FILES["fp16"])
-        add_variant(manifest, work, "fp16")
+        if options.wants("fp16"):
+            optimize.write_fp16(OnnxModel(onnx.load(str(work / FILES["opt"]))), work / FILES["fp16"])
+            add_variant(manifest, work, "fp16")
 
         recipe = "static, calibrated" if options.int8_static else "8-bit weight blocks, per-token activations" \
             if options.int8_recipe == "nbits8" else "dynamic"
@@ -195,7 +205,18 @@ def export_artifact(model: str, out: Path, options: ExportOptions = ExportOption
                 sizes["hidden"], sizes["intermediate"])
             add_variant(manifest, work, "ov-int8")
             add_variant(manifest, work, "ov-bf16")
+            if options.wants("ov-int8-fast"):  # the fast tier's recipe: every weight MatMul int8
+                manifest.export["openvino_int8_fast"] = openvino_int8.write_ov_int8(
+                    work / FILES["fp32"], work / FILES["ov-int8-fast"],
+                    openvino_int8.calibration_inputs(work / "tokenizer.json", preset.max_length, pad_id=pad_id),
+                    sizes["hidden"], sizes["intermediate"], recipe="full")
+                add_variant(manifest, work, "ov-int8-fast")
 
+        for name in [n for n in manifest.variants if not options.wants(n)]:
+            entry = manifest.variants.pop(name)
+            if all(entry.file != other.file for other in manifest.variants.values()):
+                for file, _ in entry.files():
+                    (work / file).unlink(missing_ok=True)
         manifest.write(work)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

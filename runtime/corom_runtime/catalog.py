@@ -12,8 +12,8 @@ tables instead of spelling variant or device names themselves.
 
 >>> VARIANTS["ov-int8"].engine, VARIANTS["ov-int8"].precision
 ('openvino', 'int8')
->>> [v.name for v in auto_order("cpu")][:2]
-['ov-int8', 'ov-bf16']
+>>> [v.name for v in auto_order("cpu")][:3]
+['ov-int8-fast', 'ov-int8', 'ov-bf16']
 """
 
 from __future__ import annotations
@@ -86,6 +86,11 @@ _LOSSLESS = Gate(min_cosine=0.99999, batch_invariance=0.99999)
 # Table order is the preference of `variant="auto"` when no speed was measured on this machine:
 # fastest first, among the variants that passed their gate.
 VARIANTS: dict[str, VariantSpec] = {v.name: v for v in (
+    # the `fast` tier's recipe: its gate is that tier's min cos (its task quality is judged by the tier)
+    VariantSpec("ov-int8-fast", "model.ov-int8-fast.xml", "openvino", "int8", ("cpu",),
+                Gate(min_cosine=0.95, batch_invariance=0.999),
+                "NNCF static int8 of every weight MatMul (transformer preset, as the peers ship it); the "
+                "attention's activation products and the rest in bf16 (f32 where the CPU lacks bf16)"),
     VariantSpec("ov-int8", "model.ov-int8.xml", "openvino", "int8", ("cpu",),
                 Gate(min_cosine=0.99, top10_agreement=0.97, batch_invariance=0.9995),
                 "NNCF static int8 of the attention's Q/K/V projections (SmoothQuant 0.5); the rest in bf16 "
