@@ -244,3 +244,20 @@ def test_export_takes_a_variant_list(tmp_path):
         export_artifact("all-minilm-l6-v2", tmp_path / "x", ExportOptions(variants=("opt", "ov-int4")))
     assert "ov-int8-fast" in VARIANTS and VARIANTS["ov-int8-fast"].gate.min_cosine == TIERS["fast"].min_cosine
 
+
+
+def test_verify_records_the_figures_the_tiers_come_from():
+    from corom_export.verify import VariantResult
+    from corom_runtime.catalog import VARIANTS
+    from corom_runtime.parity import Parity
+
+    parity = Parity(min_cosine=0.995, mean_cosine=0.999, max_abs_diff=0.01, top10_agreement=0.975, finite=True,
+                    texts=2200, queries=200, batch_invariance=0.9999)
+    result = VariantResult("ov-int8", parity, VARIANTS["ov-int8"].gate, "OpenVINO", [], stsb_spearman=0.899,
+                           retrieval_ndcg=0.998)
+    figures = result.figures()
+    assert figures[RETRIEVAL_KEY] == 0.998 and figures["stsb_spearman"] == 0.899
+    assert result.tiers(REF_STSB) == tiers_of(figures, REF_STSB) == ("faithful", "fast")
+    failed = VariantResult("ov-int8", parity, VARIANTS["ov-int8"].gate, "OpenVINO", ["top-10 too low"],
+                           stsb_spearman=0.899, retrieval_ndcg=0.998)
+    assert failed.tiers(REF_STSB) == ()   # a variant that failed its own gate is served at no tier
