@@ -31,7 +31,7 @@ def test_presets_ship_with_the_package_and_carry_their_prompts():
 
 def test_hub_download_offline_names_the_offline_alternative(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without the hub, even where one is reachable
-    with pytest.raises(SourceError, match=r"BAAI/bge-small-en-v1.5.*corom export DIR --preset NAME"):
+    with pytest.raises(SourceError, match=r"BAAI/bge-small-en-v1.5.*corom export DIR --preset bge-small-en-v1.5"):
         resolve("hf:BAAI/bge-small-en-v1.5")
 
 
