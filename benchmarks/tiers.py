@@ -96,7 +96,7 @@ def one(name: str, artifact: Path, threads: int, workloads: list[str], n: int, q
 
 def run(args: argparse.Namespace) -> dict:
     from corom_export.parity import compare
-    from corom_runtime.machine import cpu_model
+    from corom_runtime.machine import cpu_model, cpuinfo_values
 
     from benchmarks import hardware
 
@@ -140,7 +140,9 @@ def run(args: argparse.Namespace) -> dict:
         entry["query_p50_ms"] = float(np.median([row["query_p50_ms"] for row in ok]))
         entry["query_p99_ms"] = float(np.median([row["query_p99_ms"] for row in ok]))
         systems[name] = entry
-    return {"hardware": {**hardware.describe(args.threads), "cpu": cpu_model()},
+    family = cpuinfo_values("cpu family")
+    return {"hardware": {**hardware.describe(args.threads), "cpu": cpu_model(),
+                         "cpu_family": family[0] if family else None},
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "config": {"passages": args.passages, "queries": args.queries, "rounds": args.rounds, "batch_size": 32,
                        "workloads": args.workloads, "threads": args.threads, "artifact": str(args.artifact),
@@ -153,7 +155,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def markdown(result: dict) -> str:
     hw, cfg = result["hardware"], result["config"]
-    lines = [f"# Fidelity tiers vs peers ({hw['cpu']}, {cfg['threads']} threads, {result['date']})", "",
+    lines = [f"# Fidelity tiers vs peers ({hw['cpu']}, CPU family {hw.get('cpu_family')}, {cfg['threads']} threads, "
+             f"{result['date']})", "",
              f"{cfg['passages']} passages per workload, {cfg['queries']} queries, {cfg['rounds']} rounds; "
              f"{cfg['method']}. Load average before {result['load_average']['before'][0]:.2f}, after "
              f"{result['load_average']['after'][0]:.2f} (the CPU is shared).", "",
