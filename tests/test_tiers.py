@@ -261,3 +261,20 @@ def test_verify_records_the_figures_the_tiers_come_from():
     failed = VariantResult("ov-int8", parity, VARIANTS["ov-int8"].gate, "OpenVINO", ["top-10 too low"],
                            stsb_spearman=0.899, retrieval_ndcg=0.998)
     assert failed.tiers(REF_STSB) == ()   # a variant that failed its own gate is served at no tier
+
+
+def test_a_corpus_job_serves_the_asked_tier(bundled_artifact, tmp_path, capsys):
+    from corom_runtime.artifacts.artifact import load_artifact
+
+    texts = tmp_path / "in.txt"
+    texts.write_text("one short text\nanother, a little longer text\n")
+    out = tmp_path / "out"
+    assert main(["embed", "-m", str(bundled_artifact), "--device", "cpu", "--fidelity", "exact", "--file", str(texts),
+                 "--output", str(out), "--json", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    artifact = load_artifact(bundled_artifact)
+    chosen = artifact.variants[summary["variant"]]
+    assert "exact" in variant_tiers(chosen, artifact.manifest.quality.get("stsb_dev_spearman_reference"))
+    with pytest.raises(SystemExit) as exit_:   # argparse: not a tier, and the message lists the tiers
+        main(["embed", "-m", str(bundled_artifact), "--fidelity", "fastest", "x"])
+    assert exit_.value.code == 2 and "'exact', 'faithful', 'fast'" in capsys.readouterr().err
