@@ -42,8 +42,12 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
-def _reference(folder, pooling, normalize, texts, max_length=128):
+def _reference(folder, pooling, normalize, texts, artifact):
+    """The PyTorch reference, cut where `artifact` cuts (its manifest's window, not a constant)."""
     from corom_export.tokenizer import build_tokenizer
+    from corom_runtime.artifacts.artifact import load_artifact
+
+    max_length = load_artifact(artifact).max_length
 
     ck = resolve(str(folder))
     enc = build_reference(ck, pooling, normalize)
@@ -56,7 +60,7 @@ def _reference(folder, pooling, normalize, texts, max_length=128):
     return np.stack(out)
 
 
-TEXTS = [EXAMPLE_SOURCE, *EXAMPLE_CANDIDATES, "", "a", "word " * 200,
+TEXTS = [EXAMPLE_SOURCE, *EXAMPLE_CANDIDATES, "", "a", "word " * 600,  # 600 tokens: past any window (512 positions)
          "The quick brown fox jumps over the lazy dog near the riverbank at dawn."]
 
 
@@ -64,7 +68,7 @@ TEXTS = [EXAMPLE_SOURCE, *EXAMPLE_CANDIDATES, "", "a", "word " * 200,
 def test_runtime_matches_reference_on_bundled_model(bundled_artifact, variant):
     from checkpoints import bundled_folder
 
-    ref = _reference(bundled_folder(), "mean", True, TEXTS)
+    ref = _reference(bundled_folder(), "mean", True, TEXTS, bundled_artifact)
     got = Embedder.load(bundled_artifact, variant=variant, device="cpu").encode(TEXTS, batch_size=3)
     cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
     assert cos.min() >= GATE_COS[variant], cos
@@ -76,7 +80,7 @@ def test_runtime_matches_reference_on_corom_checkpoint(corom_artifact, corom_che
 
     from corom_runtime.errors import VariantRejectedError
 
-    ref = _reference(corom_checkpoint, "cls", False, TEXTS)
+    ref = _reference(corom_checkpoint, "cls", False, TEXTS, corom_artifact)
     entry = json.loads((corom_artifact / "manifest.json").read_text())["variants"][variant]
     if not entry["passed"]:  # a recipe that failed its gate on this model is never served by name either
         with pytest.raises(VariantRejectedError, match=f"'{variant}'.*fails its gate on this CPU"):
