@@ -26,8 +26,7 @@ from corom_runtime.serving.batcher import BatcherSettings, DynamicBatcher, runs_
 from test_server import Running, free_port
 
 TEXTS = ["how long is a master degree", "a cat sat on the mat"]
-TWO_WINDOWS = " ".join(["hello"] * 150)  # 2 windows of 128 tokens
-LONG = " ".join(f"sentence {i} is about topic {i % 9}." for i in range(80))  # 6 windows
+LONG = " ".join(f"sentence {i} is about topic {i % 9}." for i in range(80))  # ~700 tokens: past the window
 
 
 @pytest.fixture(scope="module")
@@ -112,12 +111,18 @@ def unnormalized(bundled_artifact, tmp_path_factory) -> Embedder:
     differ from the model's own output."""
     art = tmp_path_factory.mktemp("unnormalized") / "art"
     art.mkdir()
-    for name in ("tokenizer.json", "model.opt.onnx", "check.npz", "quantization.npz"):
+    manifest = json.loads((Path(bundled_artifact) / "manifest.json").read_text())
+    # The files the manifest names (check and quantization sets are content-addressed: their names
+    # carry their hash, so they are read from the manifest, never spelled here).
+    opt_entry = manifest["variants"]["opt"]
+    names = {manifest["tokenizer"]["file"], opt_entry["file"], manifest["check"]["file"]}
+    names |= {opt_entry["weights_file"]} - {None}
+    names |= {manifest["quantization"]["file"]} if manifest.get("quantization") else set()
+    for name in sorted(names):
         try:
             os.link(Path(bundled_artifact) / name, art / name)
         except OSError:  # another filesystem: a copy
             shutil.copy(Path(bundled_artifact) / name, art / name)
-    manifest = json.loads((Path(bundled_artifact) / "manifest.json").read_text())
     manifest["normalize"] = False
     (art / "manifest.json").write_text(json.dumps(manifest))
     return Embedder.load(art, variant="opt", device="cpu", verify_here=False)
@@ -155,7 +160,9 @@ def inline_count(server) -> float:
 def test_chunked_requests_are_pooled_once_inline_and_queued(apps, opt, path):
     server = via(apps, "opt", path)
     before = inline_count(server)
-    texts = [TWO_WINDOWS, "short"]
+    # 1.25 windows of the artifact's length ("hello" is one token): two windows at the default overlap
+    two_windows = " ".join(["hello"] * (opt.max_seq_length * 5 // 4))
+    texts = [two_windows, "short"]
     r = post(server, "/embed", {"inputs": texts, "chunking": "mean"})
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(np.asarray(r.json()), opt.encode(texts, chunking="mean"), atol=1e-5)
@@ -163,9 +170,9 @@ def test_chunked_requests_are_pooled_once_inline_and_queued(apps, opt, path):
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(np.asarray([d["embedding"] for d in r.json()["data"]]),
                                opt.encode(texts, chunking="mean", truncate_dim=32), atol=1e-5)
-    r = post(server, "/embed", {"inputs": [TWO_WINDOWS], "chunking": {"pool": "none"}})
+    r = post(server, "/embed", {"inputs": [two_windows], "chunking": {"pool": "none"}})
     assert r.status_code == 200, r.text
-    (windows,) = opt.encode_chunks([TWO_WINDOWS])
+    (windows,) = opt.encode_chunks([two_windows])
     assert [tuple(s) for s in r.json()[0]["spans"]] == windows.spans and len(windows.spans) == 2
     np.testing.assert_allclose(np.asarray(r.json()[0]["embeddings"]), windows.vectors, atol=1e-5)
     ran_inline = inline_count(server) - before
