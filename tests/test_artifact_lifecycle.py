@@ -124,16 +124,59 @@ def test_cli_export_force_keeps_the_old_artifact_serving_while_the_new_one_is_ve
     assert Embedder.load(tiny_copy, variant="opt", device="cpu", warmup=False).variant == "opt"
 
 
-def test_sigterm_while_exporting_raises_system_exit_so_the_work_folder_is_removed():
+# `corom export` in a child process whose ONNX export step is a slow stand-in: it names the work
+# folder (the tokenizer is already written there) and waits, and the test SIGTERMs the child, never
+# its own process (that would kill a test worker). The verify phase's exit is covered above.
+_SLOW_EXPORT = """
+import sys, time
+from pathlib import Path
+from corom_export import graph
+from corom_runtime.cli import main
+
+def slow_export(encoder, path, *args, **kwargs):
+    ready = Path(sys.argv[1] + ".part")
+    ready.write_text(str(Path(path).parent))
+    ready.rename(sys.argv[1])  # whole, or not there
+    time.sleep(300)
+
+graph.export_plain = slow_export
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigterm_while_exporting_raises_system_exit_so_the_work_folder_is_removed(
+        tiny_copy, tiny_checkpoint, tmp_path):
     import signal
+    import subprocess
+    import sys
+    import time
 
-    from corom_export.hooks import _terminate_cleanly
-
-    with pytest.raises(SystemExit) as stopped, _terminate_cleanly():
-        os.kill(os.getpid(), signal.SIGTERM)
-        for _ in range(100):  # the handler runs between bytecodes
-            pass
-    assert stopped.value.code == 128 + signal.SIGTERM
+    old = manifest_bytes(tiny_copy)
+    marker = tmp_path / "verifying"
+    child = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_EXPORT, str(marker), "export", str(tiny_checkpoint), "--out", str(tiny_copy),
+         "--force", "--no-openvino", "--max-length", "64", "--queries", "5", "--passages", "40"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not marker.exists():
+            child.kill()
+            pytest.fail(f"the export never reached its ONNX step:\n{child.communicate(timeout=30)[0]}")
+        work = Path(marker.read_text())
+        assert (work / "tokenizer.json").is_file() and work.parent == tiny_copy.parent
+        child.send_signal(signal.SIGTERM)
+        output, _ = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 128 + signal.SIGTERM, output  # SystemExit(143), not the default kill (-15)
+    assert not work.exists() and leftovers(tiny_copy) == []
+    assert manifest_bytes(tiny_copy) == old  # the old artifact is as it was, and still loads
+    from corom_runtime import Embedder
+    assert Embedder.load(tiny_copy, variant="opt", device="cpu", warmup=False).variant == "opt"
 
 
 def new_beside(out: Path, source: Path) -> Path:
