@@ -77,6 +77,9 @@ def test_flags_map_to_ray_options_and_replica_threads():
     # every corom serve flag keeps its meaning: the same ServerSettings as the plain server builds
     server = rs.config_from_args(parse("--max-items", "7", "--api-key", "k", "--host", "0.0.0.0")).server
     assert (server.max_items, server.api_key, server.allowed_hosts) == (7, "k", None)
+    # --fidelity reaches every replica's load, as it reaches corom serve's
+    assert rs.config_from_args(parse("--fidelity", "fast")).model.fidelity == "fast"
+    assert rs.config_from_args(parse()).model.fidelity is None
 
 
 def test_kuberay_example_builds_the_application():

@@ -145,6 +145,7 @@ class ModelSpec:
     device: str = "auto"
     threads: int | None = None
     allow_fallback: bool = False
+    fidelity: str | None = None  # `--fidelity`: auto runs the fastest variant of this tier
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ class CoromReplica:
         started = time.perf_counter()
         try:
             self.embedder = Embedder.load(spec.model, variant=spec.variant, device=spec.device, threads=threads,
-                                          allow_fallback=spec.allow_fallback)
+                                          allow_fallback=spec.allow_fallback, fidelity=spec.fidelity)
         except Exception as exc:
             # the reason travels to `serve.run` (and the Ray dashboard); the replica never claims healthy
             log.error("replica cannot load %s: %s", spec.model, exc)
