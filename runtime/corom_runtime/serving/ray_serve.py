@@ -270,7 +270,8 @@ def config_from_args(args) -> RayServeConfig:
     from corom_runtime.serving.app import server_settings_from_args
 
     server = server_settings_from_args(args)
-    spec = ModelSpec(str(args.model), args.variant, args.device, args.threads, args.allow_fallback)
+    spec = ModelSpec(str(args.model), args.variant, args.device, args.threads, args.allow_fallback,
+                     getattr(args, "fidelity", None))
     return RayServeConfig(spec, server, ray, drain_s=server.drain_s or 60.0)
 
 
