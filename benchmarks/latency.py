@@ -39,7 +39,9 @@ def query_sets(artifact: Path) -> dict[str, list[str]]:
     from corom_export.corpus import workload_corpus
     from corom_runtime.tokenization import TextTokenizer
 
-    tokenizer = TextTokenizer.from_file(artifact / "tokenizer.json", 128)
+    from .systems import window
+
+    tokenizer = TextTokenizer.from_file(artifact / "tokenizer.json", window(artifact))  # real counts up to the cut
     corpus = workload_corpus("mixed", n_queries=200, n_passages=3000)
     pool = corpus.queries + corpus.passages
     lengths = [i.length for i in tokenizer.encode(pool)]

