@@ -331,7 +331,7 @@ def test_a_lone_blocking_request_runs_in_the_callers_thread(embedder, alone, mon
     with DynamicBatcher(embedder) as batcher:
         _check(batcher.encode([POOL[3]], timeout=10), [3], alone, tolerance(embedder))     # inline
         _check(batcher.submit([POOL[4]]).result(10), [4], alone, tolerance(embedder))      # not asked: the worker
-        long = " ".join(["word"] * 200)  # 8 texts x 128 tokens: over the inline bound, so the worker
+        long = " ".join(["word"] * embedder.max_seq_length)  # 8 texts x the window: over the inline bound, so the worker
         assert batcher.encode([long] * 8, timeout=10).shape == (8, embedder.dim)
         assert batcher.metrics.value("corom_inline_total") == 1
     assert [c[0] for c in calls] == [threading.current_thread().name, "corom-batcher", "corom-batcher"]

@@ -81,5 +81,6 @@ def test_warming_runs_every_bucket_once(bundled_artifact, monkeypatch):
     seen = []
     real = emb.session.run
     monkeypatch.setattr(emb.session, "run", lambda ids, mask: seen.append(ids.shape) or real(ids, mask))
-    assert emb.session.warm_buckets(4) == len(seen) == 4 * 8  # rows 1, 2, 3, 4 x lengths 16..128
-    assert len(set(seen)) == len(seen)
+    lengths = -(-emb.max_seq_length // 16)  # 16, 32, ... up to the artifact's window
+    assert emb.session.warm_buckets(4) == len(seen) == 4 * lengths  # rows 1, 2, 3, 4 x every length
+    assert len(set(seen)) == len(seen) and max(n for _, n in seen) == emb.max_seq_length

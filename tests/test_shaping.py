@@ -26,7 +26,7 @@ from corom_runtime.serving.app import ServerSettings, create_app
 from corom_runtime.shaping import calibration_ranges, check_shape_options, quantize, shape_vectors
 from test_server import Running
 
-LONG = " ".join(f"word{i} and more" for i in range(200))  # far past 128 tokens
+LONG = " ".join(f"word{i} and more" for i in range(200))  # 931 tokens: past any window (512 positions)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_quantized_and_shorter_vectors_keep_stsb_quality(opt):
 def test_truncation_policy(opt):
     right = opt.tokenize([LONG])[0]
     left = opt.tokenize([LONG], cut=Truncation(direction="left"))[0]
-    assert right.truncated and left.truncated and len(left.ids) == len(right.ids) == 128
+    assert right.truncated and left.truncated and len(left.ids) == len(right.ids) == opt.max_seq_length
     words = opt.tokenizer._tokenizer.decode
     assert "word0 " in words(right.ids) and "word199" in words(left.ids)
     assert "word0 " not in words(left.ids) and "word199" not in words(right.ids)
@@ -281,10 +281,14 @@ def test_chunking_through_the_batcher_the_server_and_a_corpus_job(servers, opt, 
     from corom_runtime.errors import RequestTooLargeError
     from corom_runtime.serving.batcher import BatcherSettings
 
-    long = " ".join(f"sentence {i} is about topic {i % 9}." for i in range(80))
+    # ~9 tokens a sentence: about 6 windows of the artifact's length, whatever that length is
+    long = " ".join(f"sentence {i} is about topic {i % 9}." for i in range(opt.max_seq_length * 5 // 8))
     texts = ["a short text", long]
+    windows = len(opt.chunk_plan([long], "", Chunking()).items)
+    assert windows >= 3
     expected = opt.encode(texts, chunking="mean")
-    with DynamicBatcher(opt, BatcherSettings(max_queue=8)) as batcher:  # the long text is 6 windows
+    # a queue of 2 * windows - 1: the short text and the long one fit, the long one twice does not
+    with DynamicBatcher(opt, BatcherSettings(max_queue=2 * windows - 1)) as batcher:
         np.testing.assert_allclose(batcher.submit(texts, chunking=Chunking()).result(30), expected, atol=1e-5)
         with pytest.raises(RequestTooLargeError, match="windows"):  # the queue counts windows, not texts
             batcher.submit([long, long], chunking=Chunking())
