@@ -157,6 +157,9 @@ def test_a_named_variant_is_checked_against_a_named_tier():
         choose_variant(variants, "int8", "cpu", CPU, ART, "faithful", REF_STSB)
     assert served_tier(("fast",), None) == "fast" and served_tier(("exact", "faithful"), None) == "faithful"
     assert served_tier(("exact", "faithful"), "exact") == "exact" and served_tier((), None) == "none"
+    # auto asked for fast fell back up to faithful (a manifest without the retrieval figure): it serves
+    # faithful, and info, /health and the ranking say faithful, not the tier it could not find
+    assert served_tier(("exact", "faithful"), "fast") == "faithful"
 
 
 def test_cli_offers_the_tiers_on_serve_embed_and_info():

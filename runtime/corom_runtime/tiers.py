@@ -111,9 +111,11 @@ def tiers_up(tier: str) -> list[str]:
 
 def served_tier(tiers: tuple[str, ...], fidelity: str | None) -> str:
     """The tier a variant labelled `tiers` serves for a request of `fidelity` (None: auto): the one
-    named; else the default or the first tier up it passed; else (a variant named below the default)
-    its strictest; "none" for a variant without one."""
+    asked for (the default for None) or, where auto fell back, the first tier up it passed; else (a
+    variant named below the default) its strictest; "none" for a variant without one.
+
+    >>> served_tier(("exact", "faithful"), "fast"), served_tier(("faithful", "fast"), None)
+    ('faithful', 'faithful')
+    """
     named = check_fidelity(fidelity)
-    if named:
-        return named
-    return next((t for t in tiers_up(DEFAULT_FIDELITY) if t in tiers), tiers[0] if tiers else "none")
+    return next((t for t in tiers_up(named or DEFAULT_FIDELITY) if t in tiers), tiers[0] if tiers else "none")
