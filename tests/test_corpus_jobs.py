@@ -235,3 +235,22 @@ def test_embed_with_nothing_on_a_terminal_is_a_usage_error(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", Terminal())
     assert corom(["embed"]) == 2
     assert "no text to embed" in capsys.readouterr().err
+
+
+# -- 9. blank JSONL lines are blank text; a message names a row's real id or none ---------------------
+
+def test_blank_jsonl_lines_are_skipped_as_blank_and_messages_name_real_ids(fp32, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": 1, "text": "a"}\n   \n{"id": 2, "text": "b"}\n\n')  # a blank line inside, one at the end
+    summary = run(BulkOptions(src, tmp_path / "out", id_field="id"), fp32)
+    assert (summary.rows, summary.skipped_blank, summary.skipped_bad) == (2, 2, 0)
+    assert read_output(tmp_path / "out")[0] == [1, 2]
+    src.write_text('{"id": 1, "text": "a"}\n\n{"id": 2, "text": "b"}\n{oops\n{"id": 4, "text": "d"}\n\n')
+    with pytest.raises(CoromError) as exc:
+        run(BulkOptions(src, tmp_path / "bad", id_field="id"), fp32)
+    message = str(exc.value)
+    assert "1 row(s) cannot be embedded" in message and "line 4: not valid JSON" in message  # its id is unknown
+    assert "(id 3)" not in message
+    skipped = run(BulkOptions(src, tmp_path / "skipped", id_field="id", skip_bad=True), fp32)
+    assert (skipped.rows, skipped.skipped_bad, skipped.skipped_blank) == (3, 1, 2)
+

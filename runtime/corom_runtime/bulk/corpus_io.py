@@ -71,7 +71,9 @@ def row_problem(row: Row) -> str | None:
 
 
 def describe(row: Row, problem: str) -> str:
-    return f"line {row.line} (id {row.id!r}): {problem}"
+    """`line N (id X): problem`, the id only when the row has one (an unreadable JSONL line has none)."""
+    named = "" if row.id is None else f" (id {row.id!r})"
+    return f"line {row.line}{named}: {problem}"
 
 
 def input_format(path: Path, given: str | None = None) -> str:
@@ -128,12 +130,17 @@ def read_rows(path: Path, fmt: str, text_field: str = "text", id_field: str | No
 
 
 def _json_row(line: str, index: int, text_field: str, id_field: str | None) -> Row:
+    # an unreadable line has no id of its own when ids come from `id_field` (its position is not its id)
+    position = index if id_field is None else None
+    if not line.strip():  # a blank line is blank text: skipped and counted, as in a .txt file
+        return Row(id=position, text="", line=index + 1, problem=BLANK)
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
-        return Row(id=index, text=None, line=index + 1, problem=f"not valid JSON ({exc.msg})")
+        return Row(id=position, text=None, line=index + 1, problem=f"not valid JSON ({exc.msg})")
     if not isinstance(record, dict):
-        return Row(id=index, text=None, line=index + 1, problem=f"not a JSON object but {type(record).__name__}")
+        return Row(id=position, text=None, line=index + 1,
+                   problem=f"not a JSON object but {type(record).__name__}")
     keys = None if text_field in record else tuple(record)
     if id_field is None:
         return Row(id=index, text=record.get(text_field), line=index + 1, keys=keys)
