@@ -254,3 +254,36 @@ def test_blank_jsonl_lines_are_skipped_as_blank_and_messages_name_real_ids(fp32,
     skipped = run(BulkOptions(src, tmp_path / "skipped", id_field="id", skip_bad=True), fp32)
     assert (skipped.rows, skipped.skipped_bad, skipped.skipped_blank) == (3, 1, 2)
 
+
+# -- 10. --resume and --variant: a job never mixes two variants, and never silently --------------------
+
+def test_resume_refuses_another_explicit_variant_and_auto_keeps_the_jobs(fp32, tmp_path, caplog):
+    src = tmp_path / "in.txt"
+    src.write_text("one\ntwo\nthree\n")
+    out = tmp_path / "out"
+    run(BulkOptions(src, out, shard_size=2), fp32)
+    (out / "part-00001.parquet").unlink()
+    asked: list = []
+
+    def resume(variant: str):
+        return embed_corpus(BulkOptions(src, out, shard_size=2, resume=True),
+                            lambda recorded: asked.append(recorded) or fp32, progress=False, variant=variant)
+
+    with pytest.raises(CoromError, match=r"variant was 'fp32', now 'opt'.*--variant fp32"):
+        resume("opt")
+    assert asked == [] and not (out / "part-00001.parquet").exists()  # refused before loading or writing
+    with caplog.at_level("INFO", logger="corom_runtime.bulk.local"):
+        assert resume("auto").rows == 3
+    assert asked == ["fp32"] and "keeps the job's variant fp32" in caplog.text
+    assert resume("fp32").reused == 3
+
+
+def test_resuming_a_finished_job_with_another_variant_is_refused(bundled_artifact, tmp_path, capsys):
+    src = tmp_path / "in.txt"
+    src.write_text("one\ntwo\n")
+    args = ["embed", "--model", str(bundled_artifact), "--file", str(src), "-o", str(tmp_path / "out")]
+    assert corom([*args, "--variant", "fp32"]) == 0
+    capsys.readouterr()
+    assert corom([*args, "--variant", "opt", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "variant was 'fp32', now 'opt'" in err and "nothing to do" not in err

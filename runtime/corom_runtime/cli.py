@@ -145,7 +145,8 @@ def _embed_corpus(args: argparse.Namespace) -> int:
                                               threads_per_actor=args.threads_per_actor),
                           artifact=args.model, variant=args.variant, progress=progress, fidelity=args.fidelity)
     else:
-        summary = embed_corpus(options, lambda recorded: _load(args, recorded), progress=progress)
+        summary = embed_corpus(options, lambda recorded: _load(args, recorded), progress=progress,
+                               variant=args.variant)
     if single_npy:
         import dataclasses
 

@@ -309,6 +309,19 @@ def resume_mismatch(recorded: dict, current: dict) -> str | None:
     return None
 
 
+def check_resumed_variant(out: Path, recorded: str | None, asked: str | None) -> None:
+    """`--resume` embeds with the job's recorded variant (a job never mixes two variants' vectors): a
+    different variant asked for by name is refused, not silently replaced; `auto` keeps the job's."""
+    if recorded is None or asked in (None, recorded):
+        return
+    if asked == "auto":
+        log.info("--resume: --variant auto keeps the job's variant %s (%s)", recorded, out)
+        return
+    raise CoromError(f"cannot --resume {out}: variant was {recorded!r}, now {asked!r}: a job never mixes two "
+                     f"variants' vectors; give --variant {recorded} (or auto, which keeps the job's), "
+                     "or --force to start over")
+
+
 def clear_own_output(out: Path) -> None:
     """`--force`: remove what an earlier `corom embed` wrote in `out` (the names in its ledger), and nothing
     else. Refuses a folder without its `_job.json` marker: `--force` never deletes what corom did not write."""
@@ -369,11 +382,13 @@ def shard_count(rows: int, shard_size: int) -> int:
 
 
 def embed_corpus(options: BulkOptions, load_embedder: Callable[[str | None], "object"],
-                 progress: bool | None = None) -> BulkSummary:
+                 progress: bool | None = None, variant: str = "auto") -> BulkSummary:
     """Embed `options.input` into `options.output`; see the module docstring.
 
     `load_embedder(variant)` returns an `Embedder` (variant None: the caller's choice; on `--resume`
     the recorded variant, so a resumed job never mixes two variants' vectors).
+    `variant`: the one the caller asked for; on `--resume` a named one other than the job's is refused
+    (`auto` keeps the job's).
     progress: a tqdm bar with texts/s and ETA; None = only when stderr is a terminal.
 
     >>> from corom_runtime import Embedder                                             # doctest: +SKIP
@@ -385,6 +400,7 @@ def embed_corpus(options: BulkOptions, load_embedder: Callable[[str | None], "ob
     recorded_variant = None
     if options.resume and (options.output / JOB_FILE).exists():
         recorded_variant = json.loads((options.output / JOB_FILE).read_text(encoding="utf-8")).get("variant")
+        check_resumed_variant(options.output, recorded_variant, variant)
     embedder = load_embedder(recorded_variant)
     prompt = embedder.prompt_text(options.prompt_name)  # an unknown prompt name fails here, before any output
     embedder.shaping(options.truncate_dim, options.precision)  # and so does a bad dimension or precision
