@@ -118,3 +118,36 @@ def test_readme_block_runs(block: Block, session: Session, monkeypatch):
     result = subprocess.run(["bash", "-euo", "pipefail", "-c", BASH_PROLOGUE + code], cwd=session.folder,
                             env=session.env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{block.id} failed ({result.returncode}):\n{code}\n{result.stdout}\n{result.stderr}"
+
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def readme_comment(code_prefix: str) -> str:
+    """The `# ...` comment README prints beside the line that starts with `code_prefix`."""
+    line = next(ln for ln in README.splitlines() if ln.startswith(code_prefix))
+    return line.split("#", 1)[1].strip()
+
+
+def test_long_text_examples_show_what_they_claim(bundled_artifact):
+    """The long-text blocks run without printing anything: a long.txt that fits the window makes them
+    pass while showing nothing (it did at 215 tokens once the default's window became 256). Check that
+    it is over the window, that each option it shows changes something, and that README's printed
+    values are what the code returns."""
+    from corom_runtime import Embedder
+    from corom_runtime.errors import TextTooLongError
+
+    emb = Embedder.load(str(bundled_artifact))
+    long_text = (ROOT / "examples" / "long.txt").read_text(encoding="utf-8")
+    assert readme_comment("emb.get_sentence_embedding_dimension(), emb.max_seq_length").startswith(
+        str((emb.get_sentence_embedding_dimension(), emb.max_seq_length)))
+    with pytest.raises(TextTooLongError) as exc:
+        emb.encode([long_text], truncate=False)
+    tokens = int(re.search(r"has (\d+) tokens", str(exc.value))[1])
+    assert readme_comment('long_text = open("examples/long.txt")').startswith(
+        f"{tokens} tokens: over the model's {emb.max_seq_length}")
+    plain = emb.encode([long_text])[0]
+    assert float(plain @ emb.encode([long_text], truncation_direction="left")[0]) < 0.99
+    assert float(plain @ emb.encode([long_text, "a short text"], chunking="mean")[0]) < 0.99
+    spans = [c.spans for c in emb.encode_chunks([long_text])]
+    assert len(spans[0]) >= 3 and readme_comment("[c.spans for c in emb.encode_chunks").startswith(str(spans))

@@ -638,7 +638,7 @@ class Embedder:
         and its character span: for indexes that keep passages. A text that fits is one window.
 
         >>> [c.spans for c in emb.encode_chunks([long_text])]                  # doctest: +SKIP
-        [[(0, 612), (488, 1090), (967, 1211)]]
+        [[(0, 1406), (1251, 2636), (2451, 3107)]]
         """
         checked = check_texts(texts)
         Chunking.of({"overlap": overlap, "max_windows": max_windows})
