@@ -300,7 +300,9 @@ def test_openai_sized_requests_are_accepted_and_limits_name_their_flag(served):
 def test_token_ids_get_a_400_naming_the_langchain_setting(served, value):
     for route, key in (("/v1/embeddings", "input"), ("/embed", "inputs")):
         r = post(served, route, {key: value})
-        assert r.status_code == 400 and "check_embedding_ctx_length=False" in error(r)
+        assert r.status_code == 400 and error(r) == (
+            f"'{key}' holds token ids (arrays of integers): this server embeds text, send strings. LangChain's "
+            "OpenAIEmbeddings sends token ids by default: set check_embedding_ctx_length=False.")
 
 
 # -- 5. models --------------------------------------------------------------------------------

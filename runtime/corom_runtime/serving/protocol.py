@@ -26,8 +26,9 @@ ROUTE_FIELDS: dict[str, frozenset[str]] = {
     "/similarity": frozenset({"source_sentence", "sentences_to_compare", "return_embeddings"}),
 }
 
-LANGCHAIN_TOKENS = ("token ids are not accepted: send text (token arrays). LangChain's OpenAIEmbeddings sends "
-                    "tiktoken ids by default: construct it with check_embedding_ctx_length=False")
+# completes "'input' holds ...": a list of integers (or of such lists) is token ids, never text
+LANGCHAIN_TOKENS = ("token ids (arrays of integers): this server embeds text, send strings. LangChain's "
+                    "OpenAIEmbeddings sends token ids by default: set check_embedding_ctx_length=False.")
 
 
 def check_fields(route: str, body: dict) -> None:
