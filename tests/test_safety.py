@@ -167,7 +167,7 @@ def test_a_silent_fallback_to_the_cpu_is_detected(corom_artifact, monkeypatch, c
 
     real_open = embedder_module.open_session
     monkeypatch.setattr(embedder_module, "open_session",
-                        lambda entry, path, device, *a: _FellBackToCPU(real_open(entry, path, "cpu", *a)))
+                        lambda entry, path, device, *a, **kw: _FellBackToCPU(real_open(entry, path, "cpu", *a, **kw)))
     monkeypatch.setattr(embedder_module, "this_machine", lambda threads, device: Machine(
         ("cuda", "cpu"), frozenset({"onnxruntime"}), "test CPU", threads))
     with pytest.raises(ProviderUnavailableError, match="cuda was asked for, but onnxruntime runs opt on cpu"):
