@@ -278,10 +278,14 @@ def config_from_args(args) -> RayServeConfig:
 def app_builder(args: Mapping[str, Any]):
     """For `serve run corom_runtime.serving.ray_serve:app_builder model=NAME replicas=2` and a KubeRay
     RayService's `import_path`: `args` are `corom serve` flags by name (dashes or underscores), parsed
-    by the CLI's own parser, so each keeps its meaning and default."""
-    from corom_runtime.cli import build_parser
+    by `corom serve`'s own flags (cli_args.serve_args), so each keeps its meaning and default."""
+    import argparse
 
-    argv = ["serve", "--ray"]
+    from corom_runtime.cli_args import serve_args  # not the CLI: it imports this module for --ray
+
+    parser = argparse.ArgumentParser(prog="corom serve")
+    serve_args(parser)
+    argv = ["--ray"]
     for key, value in dict(args).items():
         flag = "--" + str(key).replace("_", "-")
         if value is True:
@@ -293,7 +297,7 @@ def app_builder(args: Mapping[str, Any]):
                 argv += [flag, str(item)]
         else:
             argv += [flag, str(value)]
-    parsed = build_parser().parse_args(argv)
+    parsed = parser.parse_args(argv)
     return build_app(config_from_args(parsed))
 
 
