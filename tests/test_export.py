@@ -189,22 +189,47 @@ def test_static_int8_recipe_runs_and_is_judged(tmp_path, corom_artifact):
     assert emb.shape == (1, 256) and np.isfinite(emb).all()
 
 
-def test_smooth_int8_recipe_rescales_ffn_inputs_and_passes(tmp_path, corom_artifact):
+def test_smooth_int8_recipe_rescales_ffn_inputs_and_is_judged_by_the_int8_gate(tmp_path, corom_artifact):
+    """The smooth recipe (smooth.py) divides each FFN input by per-channel scales before int8 covers
+    the FFN: a Mul in front of every layer's FFN input projection, a real rescaling, the product kept
+    close to the reference. Its verdict is the int8 gate's on the figures recorded, whatever they are
+    (dynamic int8's per-batch scales may cost it top-10 or batch invariance on this random model)."""
     import onnx
+    from onnx import numpy_helper
+
+    from corom_export.int8 import ffn_matmuls_by_weight
 
     out = requantized(corom_artifact, tmp_path / "smooth", "smooth", static=False)
+    # the graph: one Mul per FFN input projection (found by weight shape in the graph it was made from),
+    # wired into the graph, with scales that are not all 1
+    hidden = manifest(out)["embedding_dim"]
+    ffn_in, _ = ffn_matmuls_by_weight(onnx.load(str(out / "model.opt.onnx"), load_external_data=False),
+                                      hidden, 4 * hidden)
+    model = onnx.load(str(out / "model.int8.onnx"), load_external_data=False)
+    smooth_muls = [n for n in model.graph.node if n.op_type == "Mul" and n.name.endswith("_smooth")]
+    assert sorted(n.name.removesuffix("_smooth") for n in smooth_muls) == sorted(ffn_in) and len(ffn_in) == 4
+    consumed = {i for n in model.graph.node for i in n.input}
+    inits = {i.name: i for i in model.graph.initializer}
+    for mul in smooth_muls:
+        assert mul.output[0] in consumed, f"{mul.name} feeds nothing"
+        inv_scale = numpy_helper.to_array(inits[mul.input[1]])
+        assert inv_scale.shape == (hidden,) and not np.allclose(inv_scale, 1.0), mul.name
+    assert not (out / "model.int8.smoothed.onnx").exists()
+
     report = verify_artifact(out, n_queries=20, n_passages=200, variants=["int8"], stsb=False, speed_texts=32)
     (result,) = report.results
-    # close to the reference, but its activation scales are per batch: not batch-invariant, so its
-    # verdict is the int8 gate's (which it fails on batch invariance), recorded like any other
-    assert result.parity.min_cosine >= 0.99, report.table()
-    # the verdict itself (comparing the manifest with the same result held whatever it was)
-    assert result.failures and all("batch invariance" in f for f in result.failures), report.table()
-    assert manifest(out)["variants"]["int8"]["passed"] is False
-    model = onnx.load(str(out / "model.int8.onnx"), load_external_data=False)
-    smooth_muls = [n for n in model.graph.node if n.name.endswith("_smooth")]
-    assert len(smooth_muls) == 4  # one per layer, in front of the FFN input projection
-    assert not (out / "model.int8.smoothed.onnx").exists()
+    assert result.parity.min_cosine >= 0.99, report.table()  # the rescaled product stays close
+    # the verdict is what the recorded figures imply against the int8 gate (checked here, not by
+    # Parity.failures): each figure below its threshold is named, and the variant passes iff none is
+    recorded = manifest(out)["variants"]["int8"]
+    figures, gate = recorded["parity"], VARIANTS["int8"].gate
+    assert recorded["parity"]["gate"] == vars(gate)
+    labels = {"min_cosine": "min cosine", "top10_agreement": "top-10 agreement",
+              "batch_invariance": "batch invariance"}
+    below = [label for key, label in labels.items() if not figures[key] >= getattr(gate, key)]
+    assert figures["finite"] is True
+    assert [f.rsplit(" ", 3)[0] for f in result.failures] == below, report.table()
+    assert recorded["passed"] is (not below) is result.passed, report.table()
 
 
 def test_int8_static_refuses_a_recipe_without_calibration(tmp_path, corom_checkpoint):
