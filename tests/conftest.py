@@ -91,7 +91,10 @@ def pytest_collection_modifyitems(config, items) -> None:
     by_file: dict[Path, list] = {}
     for item in items:
         by_file.setdefault(item.path, []).append(item)
-    needs = {f: any("bundled_artifact" in i.fixturenames for i in its) for f, its in by_file.items()}
+    # a file that asks for it at run time (`request.getfixturevalue`) says so with NEEDS_BUNDLED_ARTIFACT:
+    # counted as needing none, it ran beside the build and both workers waited on it (98 s)
+    needs = {f: any("bundled_artifact" in i.fixturenames or getattr(i.module, "NEEDS_BUNDLED_ARTIFACT", False)
+                    for i in its) for f, its in by_file.items()}
     heavy = [f for f in by_file if needs[f]]
     order = heavy[:1] + [f for f in by_file if not needs[f]] + heavy[1:]
     items[:] = [item for f in order for item in by_file[f]]

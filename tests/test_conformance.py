@@ -20,6 +20,9 @@ import numpy as np
 import pytest
 
 from checkpoints import bundled_folder, write_st_folder
+
+# its bundled case asks for the session artifact at run time: conftest orders the file after the build
+NEEDS_BUNDLED_ARTIFACT = True
 from conftest import shared
 
 PROMPTS = {"query": "query: ", "passage": "passage: "}

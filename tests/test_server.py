@@ -109,7 +109,7 @@ def test_embed_and_similarity(server):
     ("/v1/embeddings", b"{not json", 400, "malformed JSON"),
     ("/v1/embeddings", json.dumps({"input": 42}).encode(), 400, "must be a string or a list"),
     ("/v1/embeddings", json.dumps({"input": ["ok", 3]}).encode(), 400, "'input'[1] is int"),
-    ("/v1/embeddings", json.dumps({"input": [[101, 102]]}).encode(), 400, "token arrays"),
+    ("/v1/embeddings", json.dumps({"input": [[101, 102]]}).encode(), 400, "token ids"),
     ("/v1/embeddings", json.dumps({"input": []}).encode(), 400, "is empty"),
     ("/v1/embeddings", json.dumps({"nope": 1}).encode(), 400, "'input'"),
     ("/v1/embeddings", json.dumps({"input": ["x"] * 9}).encode(), 413, "at most 8"),
