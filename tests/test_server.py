@@ -266,3 +266,48 @@ def test_the_uvicorn_internals_we_patch_are_still_there():
         assert attribute in source, attribute
     # still what uvicorn calls past --limit-concurrency
     assert "app = service_unavailable" in inspect.getsource(base_class.on_headers_complete)
+
+
+def test_a_full_queue_is_a_503_with_retry_after_and_the_server_recovers(embedder, monkeypatch):
+    """The worker is held in one request and a second fills the queue: the next request is refused with
+    503 and Retry-After in the one JSON shape (never a 500 or a 413: the request itself is fine), and is
+    served once the queue drains."""
+    from fakes import echo_embedder
+
+    echo = echo_embedder(embedder)  # the real tokenizer and batcher, an engine that costs nothing
+    entered, gate, real = threading.Event(), threading.Event(), echo.embed_tokenized
+
+    def held(items, *args, **kwargs):
+        entered.set()
+        gate.wait(30)
+        return real(items, *args, **kwargs)
+
+    settings = ServerSettings(max_items=4, batcher=BatcherSettings(max_queue=4, inline_max_tokens=0, max_wait_ms=0))
+    running = Running(create_app(echo, settings))  # started first: its speed pass at start runs free
+    monkeypatch.setattr(echo, "embed_tokenized", held)
+    busy, queued = [], []
+    try:
+        first = threading.Thread(target=lambda: busy.append(
+            httpx.post(running.url("/embed"), json={"inputs": ["held"] * 4}, timeout=60)))
+        first.start()
+        assert entered.wait(20), "the first request never reached the worker"
+        second = threading.Thread(target=lambda: queued.append(
+            httpx.post(running.url("/embed"), json={"inputs": ["waiting"] * 4}, timeout=60)))
+        second.start()
+        deadline = time.time() + 20
+        while True:  # the second request's 4 texts fill the queue
+            r = httpx.post(running.url("/embed"), json={"inputs": ["one more"]}, timeout=30)
+            if r.status_code == 503 or time.time() > deadline:
+                break
+            time.sleep(0.02)
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == 503
+        assert "queue" in r.json()["error"]["message"]
+    finally:
+        gate.set()
+        first.join(30)
+        second.join(30)
+    assert busy[0].status_code == 200 and queued[0].status_code == 200  # accepted work is answered
+    after = httpx.post(running.url("/embed"), json={"inputs": ["one more"]}, timeout=30)
+    running.stop()
+    assert after.status_code == 200 and len(after.json()) == 1
