@@ -268,6 +268,11 @@ def test_the_uvicorn_internals_we_patch_are_still_there():
     assert "app = service_unavailable" in inspect.getsource(base_class.on_headers_complete)
 
 
+def queued_texts(running: Running) -> float:
+    text = httpx.get(running.url("/metrics")).text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("corom_queue_texts ")))
+
+
 def test_a_full_queue_is_a_503_with_retry_after_and_the_server_recovers(embedder, monkeypatch):
     """The worker is held in one request and a second fills the queue: the next request is refused with
     503 and Retry-After in the one JSON shape (never a 500 or a 413: the request itself is fine), and is
@@ -295,11 +300,10 @@ def test_a_full_queue_is_a_503_with_retry_after_and_the_server_recovers(embedder
             httpx.post(running.url("/embed"), json={"inputs": ["waiting"] * 4}, timeout=60)))
         second.start()
         deadline = time.time() + 20
-        while True:  # the second request's 4 texts fill the queue
-            r = httpx.post(running.url("/embed"), json={"inputs": ["one more"]}, timeout=30)
-            if r.status_code == 503 or time.time() > deadline:
-                break
+        while queued_texts(running) < 4:  # the second request's 4 texts fill the queue
+            assert time.time() < deadline, "the second request never queued"
             time.sleep(0.02)
+        r = httpx.post(running.url("/embed"), json={"inputs": ["one more"]}, timeout=30)
         assert r.status_code == 503, r.text
         assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == 503
         assert "queue" in r.json()["error"]["message"]

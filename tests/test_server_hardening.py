@@ -241,7 +241,8 @@ def test_sigterm_with_a_deep_queue_answers_every_accepted_request(bundled_artifa
 
     def client() -> None:
         with httpx.Client(timeout=120) as c:
-            request = c.build_request("POST", f"http://127.0.0.1:{port}/embed", json={"inputs": [LONG] * 16})
+            # 8 window-long texts a request: at the default's 256-token window, the work 16 were at 128
+            request = c.build_request("POST", f"http://127.0.0.1:{port}/embed", json={"inputs": [LONG] * 8})
             sent.wait()
             try:
                 statuses.append(c.send(request).status_code)
@@ -252,7 +253,7 @@ def test_sigterm_with_a_deep_queue_answers_every_accepted_request(bundled_artifa
     for t in threads:
         t.start()
     sent.wait()
-    time.sleep(0.5)  # all 40 sent and queued (640 full-length texts: seconds of work on 2 cores)
+    time.sleep(0.5)  # all 40 sent and queued (320 full-length texts: seconds of work on 2 cores)
     proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(120)
