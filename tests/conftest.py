@@ -43,7 +43,7 @@ def shared(tmp_path_factory, key: str, build: Callable[[Path], object], leaf: st
 
 @pytest.fixture(scope="session")
 def bundled_artifact(tmp_path_factory) -> Path:
-    """The bundled all-MiniLM-L6-v2 exported to every variant and verified on the full parity corpus
+    """The bundled all-MiniLM-L6-v2 exported to every variant and verified on the parity corpus (its 200 queries, the first 1,000 of its 2,000 passages)
     (the gates `corom export` applies), with a smaller STSb sample and speed pass than the CLI's (those
     figures' precision is not what the suite tests; they cost a minute).
 
@@ -56,7 +56,10 @@ def bundled_artifact(tmp_path_factory) -> Path:
 
     def build(out: Path) -> None:
         export_artifact("all-minilm-l6-v2", out, ExportOptions(variants=SUITE_VARIANTS))
-        verify_artifact(out, stsb_pairs=300, speed_texts=96, speed_rounds=2)
+        # the parity corpus's 200 queries against its first 1,000 passages (every kind of text is among
+        # them: the kinds are interleaved), not `corom export`'s 2,000: the gates are the same, half the
+        # passages cost half the suite's longest fixture
+        verify_artifact(out, n_passages=1000, stsb_pairs=300, speed_texts=96, speed_rounds=2)
     return shared(tmp_path_factory, "bundled", build, "all-minilm-l6-v2")
 
 
