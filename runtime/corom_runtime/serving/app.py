@@ -102,6 +102,15 @@ async def _json(request: Request) -> Any:
     return await asyncio.to_thread(_parse, body) if len(body) > OFFLOAD_BODY_BYTES else _parse(body)
 
 
+async def _texts_body(request: Request, route: str, key: str) -> dict:
+    """A route's JSON body: an object holding `key` (its texts) and only the fields `route` accepts."""
+    body = await _json(request)
+    if not isinstance(body, dict) or key not in body:
+        raise HTTPError(400, f"body must be a JSON object with '{key}' (a string or a list of strings)")
+    check_fields(route, body)
+    return body
+
+
 class VectorsResponse(Response):
     """JSON with numpy arrays rendered by orjson: float32 values in their shortest exact form (half the
     bytes of `json.dumps(arr.tolist())`, whose float64 repr prints 17 digits) in a tenth of the time
@@ -350,10 +359,7 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings(),
     created = int(time.time())
 
     async def openai_embeddings(request: Request) -> Response:
-        body = await _json(request)
-        if not isinstance(body, dict) or "input" not in body:
-            raise HTTPError(400, "body must be a JSON object with 'input' (a string or a list of strings)")
-        check_fields("/v1/embeddings", body)
+        body = await _texts_body(request, "/v1/embeddings", "input")
         model = served_model(_echo(body.get("model"), "model"), names)
         texts = _texts(body["input"], "input", settings.max_items)
         options = _options(embedder, body)
@@ -410,10 +416,7 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings(),
 
     async def tokenize(request: Request) -> Response:
         """TEI's /tokenize: per input, its tokens as {id, text, special, start, stop} (character offsets)."""
-        body = await _json(request)
-        if not isinstance(body, dict) or "inputs" not in body:
-            raise HTTPError(400, "body must be a JSON object with 'inputs' (a string or a list of strings)")
-        check_fields("/tokenize", body)
+        body = await _texts_body(request, "/tokenize", "inputs")
         texts = _texts(body["inputs"], "inputs", settings.max_items)
         special = body.get("add_special_tokens", True)
         if not isinstance(special, bool):
@@ -424,10 +427,7 @@ def create_app(embedder: Embedder, settings: ServerSettings = ServerSettings(),
         return JSONResponse(await asyncio.to_thread(run) if heavy else run())
 
     async def embed(request: Request) -> Response:
-        body = await _json(request)
-        if not isinstance(body, dict) or "inputs" not in body:
-            raise HTTPError(400, "body must be a JSON object with 'inputs' (a string or a list of strings)")
-        check_fields("/embed", body)
+        body = await _texts_body(request, "/embed", "inputs")
         texts = _texts(body["inputs"], "inputs", settings.max_items)
         options = _options(embedder, body)
         emb, _ = await embed_texts(request, texts, options)
