@@ -542,12 +542,7 @@ class Embedder:
             if not isinstance(prompt, str):
                 raise InvalidInputTypeError(f"prompt must be a string, got {type(prompt).__name__}")
             return prompt
-        if prompt_name is None:
-            return ""
-        if prompt_name not in self.artifact.prompts:
-            known = ", ".join(repr(k) for k in self.artifact.prompts) or "none (this model takes no prompts)"
-            raise InvalidInputError(f"unknown prompt_name {prompt_name!r} for {self.artifact.name}; known: {known}")
-        return self.artifact.prompts[prompt_name]
+        return named_prompt(self.artifact, prompt_name)
 
     def shaping(self, truncate_dim: int | None = None, precision: str = "float32",
                 normalize_embeddings: bool = False) -> "Shaping":
@@ -680,6 +675,17 @@ class Embedder:
         emb = self.encode(source + compare)
         scores = self.similarity(emb[:1], emb[1:])[0].tolist() if compare else []
         return {"text_embedding": emb, "scores": scores}
+
+
+def named_prompt(artifact: Artifact, prompt_name: str | None) -> str:
+    """The artifact's prompt `prompt_name` ("" for None); an unknown name is an error listing the known
+    ones. Shared by `Embedder.prompt_text` and the Ray corpus driver, which builds no `Embedder`."""
+    if prompt_name is None:
+        return ""
+    if prompt_name not in artifact.prompts:
+        known = ", ".join(repr(k) for k in artifact.prompts) or "none (this model takes no prompts)"
+        raise InvalidInputError(f"unknown prompt_name {prompt_name!r} for {artifact.name}; known: {known}")
+    return artifact.prompts[prompt_name]
 
 
 def artifact_or_export(path_or_preset: str | Path, export_missing: bool) -> Artifact:

@@ -20,6 +20,7 @@ from corom_runtime.bulk.local import (SUMMARY_FILE, BulkOptions, BulkSummary, ch
 from corom_runtime.bulk.corpus_io import (BLANK, ShardData, arrow_table, id_problem, import_pyarrow, read_rows,
                                           record_written, row_problem, shard_path, shard_totals, text_problem,
                                           write_json)
+from corom_runtime.embedder import named_prompt
 from corom_runtime.errors import CoromError, positive_int
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ def run_ray(options: BulkOptions, ray_options: RayOptions, artifact: str, varian
     fmt, found, fingerprint = checked_input(options)
     chosen, concrete = resolve_artifact(artifact, variant, fidelity)
     path = str(chosen.path)
-    prompt = _prompt(chosen, options.prompt_name)
+    prompt = named_prompt(chosen, options.prompt_name)
     from corom_runtime.tokenization import TextTokenizer
 
     check_lengths(options, fmt, TextTokenizer.from_file(chosen.tokenizer_path, chosen.max_length), prompt)
@@ -231,15 +232,6 @@ def run_ray(options: BulkOptions, ray_options: RayOptions, artifact: str, varian
     if not any(staging.iterdir()):
         staging.rmdir()
     return _finish(options, found, started, shards, chosen.name, concrete)
-
-
-def _prompt(artifact, prompt_name: str | None) -> str:
-    if prompt_name is None:
-        return ""
-    if prompt_name not in artifact.prompts:
-        known = ", ".join(repr(k) for k in artifact.prompts) or "none (this model takes no prompts)"
-        raise CoromError(f"unknown prompt_name {prompt_name!r} for {artifact.name}; known: {known}")
-    return artifact.prompts[prompt_name]
 
 
 def _finish(options: BulkOptions, found, started: float, shards: list[Path], model: str,
