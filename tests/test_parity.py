@@ -123,6 +123,27 @@ def test_verify_compares_each_variant_with_the_reference(tiny_st, monkeypatch):
     assert not result.passed and any("min cosine" in f for f in result.failures), result.failures
 
 
+def test_the_speed_auto_ranks_by_is_measured_on_long_passages(tiny_st, monkeypatch):
+    """`auto` ranks by the verify speed pass: it must time long passages, where int8 and bf16 differ
+    (on the parity corpus's short mix they tie, and the tie sent long-passage users to the slower one)."""
+    from corom_export import verify
+    from corom_export.corpus import parity_corpus, workload_corpus
+    from corom_runtime.tokenization import TextTokenizer
+
+    _, artifact = tiny_st
+    timed: list = []
+    real = verify.measure_speeds
+    monkeypatch.setattr(verify, "measure_speeds", lambda embedders, items, rounds: timed.extend(items) or real(embedders, items, rounds))
+    report = verify.verify_artifact(artifact, n_queries=10, n_passages=40, variants=["fp32"], stsb=False, write=False,
+                                    speed_texts=16, speed_rounds=1)
+    long = workload_corpus("long", 0, 16).passages
+    tokenizer = TextTokenizer.from_file(artifact / "tokenizer.json", 10_000)
+    assert [i.ids[:8] for i in timed] == [i.ids[:8] for i in tokenizer.encode(long)]  # those texts, not the parity mix
+    lengths = lambda texts: np.mean([i.length for i in tokenizer.encode(texts)])  # noqa: E731
+    assert lengths(long) > 2 * lengths(parity_corpus(0, 16).passages)
+    assert "long passages" in report.results[0].speed["method"]
+
+
 def test_export_is_deterministic(tiny_st, tmp_path):
     """Two exports of one checkpoint write the same graphs and the same calibration vectors (a random
     calibration subset, or any other draw, would make two artifacts of one model disagree)."""
