@@ -150,6 +150,7 @@ class TextTokenizer:
         tokenizer.enable_truncation(max_length=max_length)
         self._tokenizer = tokenizer
         self._plain: Tokenizer | None = None  # a copy without truncation, made when first needed
+        self._specials: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     @classmethod
     def from_file(cls, path: Path, max_length: int) -> "TextTokenizer":
@@ -342,11 +343,15 @@ class TextTokenizer:
         return self._plain
 
     def _special_ids(self) -> tuple[list[int], list[int]]:
-        """The special tokens the model puts before and after one text ([CLS] / [SEP], <s> / </s>)."""
-        e = self._tokenizer.encode("a")
-        first = e.special_tokens_mask.index(0)
-        last = len(e.ids) - e.special_tokens_mask[::-1].index(0)
-        return e.ids[:first], e.ids[last:]
+        """The special tokens the model puts before and after one text ([CLS] / [SEP], <s> / </s>);
+        read once (a tokenizer call on every request's path), copies handed out."""
+        if self._specials is None:
+            e = self._tokenizer.encode("a")
+            first = e.special_tokens_mask.index(0)
+            last = len(e.ids) - e.special_tokens_mask[::-1].index(0)
+            self._specials = (tuple(e.ids[:first]), tuple(e.ids[last:]))
+        head, tail = self._specials
+        return list(head), list(tail)
 
 
 def windows_needed(tokens: int, size: int, overlap: int) -> int:
