@@ -132,7 +132,7 @@ def measure_batch_invariance(embedder: Embedder, items: list[TokenizedText], n: 
 
 
 SPEED_ROUNDS = 3
-SPEED_TEXTS = 256  # long passages: 2 s a round for the slowest CPU variant here
+SPEED_TEXTS = 128  # long passages: 1 s a round for the slowest CPU variant here (AMD EPYC Zen 5)
 # `auto` ranks variants by their speed on long passages: there the matrix work is, and there they differ
 # (on the AMD EPYC Zen 5: ov-int8 1.12x ov-bf16 on long passages, a tie on the parity corpus's short
 # mix, so the tie went to ov-bf16 and long-passage users got the slower faithful variant); on short
