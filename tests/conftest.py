@@ -88,49 +88,16 @@ def corom_artifact(tmp_path_factory, corom_checkpoint) -> Path:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """The tests that need the session artifact in one file first, then every test that needs none, then
-    the rest: under pytest-xdist (`make test`, `--dist loadfile --no-loadscope-reorder`) the worker that
-    builds the artifact (two minutes) is not joined by the other waiting for it; that one runs the tests
-    that need none meanwhile.
-
-    A file whose tests partly need the artifact is so split in two runs; `pytest_xdist_make_scheduler`
-    below makes each run its own unit of work. Its tests that need none use no module fixture of the
-    others (checked when this was written), so no module fixture is built twice."""
-    def needs(item) -> bool:
-        # a file that asks for it at run time (`request.getfixturevalue`) says so with NEEDS_BUNDLED_ARTIFACT:
-        # counted as needing none, it ran beside the build and both workers waited on it (98 s)
-        return "bundled_artifact" in item.fixturenames or getattr(item.module, "NEEDS_BUNDLED_ARTIFACT", False)
-
-    units: dict[tuple[Path, bool], list] = {}
+    """One test file that needs the session artifact first, then every file that does not, then the
+    rest: under pytest-xdist (`make test`, `--no-loadscope-reorder`) the worker that builds the artifact
+    (two minutes) is not joined by the other waiting for it; that one runs the files that need none."""
+    by_file: dict[Path, list] = {}
     for item in items:
-        units.setdefault((item.path, needs(item)), []).append(item)
-    heavy = [u for u in units if u[1]]
-    order = heavy[:1] + [u for u in units if not u[1]] + heavy[1:]
-    items[:] = [item for u in order for item in units[u]]
-
-
-@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: absent under `-p no:xdist`
-def pytest_xdist_make_scheduler(config, log):
-    """`--dist loadfile`, where a unit of work is a run of one file's tests in the collection's order
-    (conftest's order above), not the whole file: the two halves of a split file go to whichever worker
-    is free. (`--dist loadgroup` would say it with marks, but pytest-xdist 3.8 cannot rename node ids
-    on pytest 9, so its groups are ignored.)"""
-    if config.getvalue("dist") != "loadfile":
-        return None
-    from xdist.scheduler import LoadFileScheduling
-
-    class FileRunScheduling(LoadFileScheduling):
-        _units: dict[str, str] | None = None
-
-        def _split_scope(self, nodeid: str) -> str:
-            if self._units is None:  # the collection (in conftest's order) is known by the first call
-                self._units, runs, last = {}, {}, None
-                for test in self.collection:
-                    file = test.split("::", 1)[0]
-                    if file != last:
-                        runs[file] = runs.get(file, 0) + 1
-                        last = file
-                    self._units[test] = file if runs[file] == 1 else f"{file}#{runs[file]}"
-            return self._units[nodeid]
-
-    return FileRunScheduling(config, log)
+        by_file.setdefault(item.path, []).append(item)
+    # a file that asks for it at run time (`request.getfixturevalue`) says so with NEEDS_BUNDLED_ARTIFACT:
+    # counted as needing none, it ran beside the build and both workers waited on it (98 s)
+    needs = {f: any("bundled_artifact" in i.fixturenames or getattr(i.module, "NEEDS_BUNDLED_ARTIFACT", False)
+                    for i in its) for f, its in by_file.items()}
+    heavy = [f for f in by_file if needs[f]]
+    order = heavy[:1] + [f for f in by_file if not needs[f]] + heavy[1:]
+    items[:] = [item for f in order for item in by_file[f]]
