@@ -61,6 +61,7 @@ def test_every_variant_of_a_corom_checkpoint_is_judged_by_its_gate(corom_artifac
     for name in ("fp32", "opt", "fp16", "int8", "ov-bf16"):
         assert m["variants"][name]["passed"], (name, m["variants"][name]["parity"])
     assert Embedder.load(corom_artifact, device="cpu").info.verified["passed"]
+    assert m["export"]["openvino_int8"]["calibration_texts"] == 100  # ExportOptions(calibration_texts=100)
 
 
 def test_manifest_describes_the_graph(bundled_artifact):
