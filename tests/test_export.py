@@ -238,3 +238,12 @@ def test_int8_static_refuses_a_recipe_without_calibration(tmp_path, corom_checkp
     with pytest.raises(CoromError, match="--int8-static calibrates activation ranges"):
         export_artifact(str(corom_checkpoint), tmp_path / "x", ExportOptions(int8_static=True, int8_recipe="nbits8"))
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, True, "100"])
+def test_a_calibration_size_that_is_not_a_positive_count_is_refused_by_name(bad):
+    from corom_export.build import ExportOptions
+
+    with pytest.raises(ValueError, match="calibration_texts must be a positive number"):
+        ExportOptions(calibration_texts=bad)
+    assert ExportOptions(calibration_texts=5000).calibration_texts == 5000  # more than the corpus: all of it

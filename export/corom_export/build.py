@@ -56,6 +56,12 @@ class ExportOptions:
     # fewer export faster and move the int8 variants' figures (the gates judge them either way)
     calibration_texts: int | None = None
 
+    def __post_init__(self) -> None:
+        n = self.calibration_texts
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"calibration_texts must be a positive number of texts (None: the whole calibration "
+                             f"corpus), got {n!r}")
+
     def wants(self, name: str) -> bool:
         return self.variants is None or name in self.variants
 
