@@ -126,3 +126,24 @@ def test_the_offline_export_hint_names_the_preset(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=offline))
     with pytest.raises(SourceError, match=r"corom export DIR --preset e5-small-v2`"):
         download_hf("intfloat/e5-small-v2")
+
+
+def test_auto_explanation_separates_long_names_and_names_the_speed_method():
+    """`corom info`'s ranking: a 12-character variant name (ov-int8-fast) stays apart from what follows
+    it, and the speeds say how `corom verify` measured them (which workload auto ranks by)."""
+    from corom_runtime.cli import _explain_auto
+
+    method = "best of 3 interleaved rounds, long passages"
+    variants = {"ov-int8-fast": entry("ov-int8-fast", 300.0), "ov-int8": entry("ov-int8", 200.0),
+                "ov-bf16": entry("ov-bf16", 150.0)}
+    for v in variants.values():
+        v.speed["method"] = method
+    here = Machine(devices=("cpu",), engines=frozenset({"openvino"}), cpu="Test CPU", threads=2)
+    rows = auto_ranking(variants, "cpu", here, tier="exact")
+    assert {r["variant"]: r["method"] for r in rows}["ov-int8"] == method
+    text = _explain_auto(rows, "ov-bf16")
+    assert "ov-int8-fast excluded" in text and "ov-int8-fastexcluded" not in text
+    assert method in text
+    elsewhere = Machine(devices=("cpu",), engines=frozenset({"openvino"}), cpu="Other CPU", threads=2)
+    text = _explain_auto(auto_ranking(variants, "cpu", elsewhere), "ov-int8-fast")
+    assert "ov-int8-fast not measured here" in text

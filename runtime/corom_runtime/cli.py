@@ -231,7 +231,8 @@ def auto_ranking(variants: dict, device: str, machine, tier: str | None = None,
         recorded = entry.speed or {}
         rows.append({"variant": name, "excluded": why, "texts_per_s": speed, "tiers": list(labels),
                      "measured_on": (f"{recorded.get('cpu')}, {recorded.get('threads')} threads"
-                                     if recorded.get("texts_per_s") else None)})
+                                     if recorded.get("texts_per_s") else None),
+                     "method": recorded.get("method") if recorded.get("texts_per_s") else None})
     ranked = rank_by_speed([r["variant"] for r in rows if r["excluded"] is None], speeds,
                            fidelity={r["variant"]: faithfulness(tuple(r["tiers"])) for r in rows})
     for row in rows:
@@ -253,6 +254,10 @@ def _explain_auto(rows: list[dict], chosen: str) -> str:
             "the fastest are a tie, won by the more faithful, then the table's order)" if measured else
             "no speed was measured on this CPU and thread count: the table's order")
     lines = [f"auto        chose {chosen}: {rule}"]
+    # which workload the speeds are of (verify's method: long passages since the speed pass moved there)
+    methods = sorted({r["method"] for r in ranked if r["texts_per_s"] and r.get("method")})
+    if methods:
+        lines.append(f"{'':12}speeds: {'; '.join(methods)}")
     if ranked and ranked[0]["variant"] != chosen:
         lines.append(f"{'':12}({ranked[0]['variant']} ranked first but failed its gate on this CPU: see `verified`)")
     for r in rows:
@@ -260,9 +265,9 @@ def _explain_auto(rows: list[dict], chosen: str) -> str:
             speed = f"{r['texts_per_s']:8.1f} texts/s" if r["texts_per_s"] else \
                 f"{'not measured here':>16}" + (f" (measured on {r['measured_on']})" if r["measured_on"] else "")
             note = f"  (within {SPEED_TIE:.0%} of {r['tie_with']}: a tie, the more faithful first)" if r["tie_with"] else ""
-            lines.append(f"{'':12}{r['rank']}. {r['variant']:12}{speed}  [{'/'.join(r['tiers']) or 'no tier'}]{note}")
+            lines.append(f"{'':12}{r['rank']}. {r['variant']:12} {speed}  [{'/'.join(r['tiers']) or 'no tier'}]{note}")
         else:
-            lines.append(f"{'':12}-  {r['variant']:12}excluded: {r['excluded']}")
+            lines.append(f"{'':12}-  {r['variant']:12} excluded: {r['excluded']}")
     return "\n".join(lines)
 
 
