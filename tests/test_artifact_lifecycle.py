@@ -292,6 +292,24 @@ def test_a_smaller_verify_keeps_the_full_runs_figures(tiny_copy):
                     speed_rounds=1)
     after = json.loads(manifest_bytes(tiny_copy))
     assert after["variants"]["opt"] == before["variants"]["opt"]
+    # nor the others' speeds: every speed `auto` ranks stays from the one full run
+    assert {n: v["speed"] for n, v in after["variants"].items()} == {n: v["speed"] for n, v in before["variants"].items()}
+
+
+def test_a_verify_of_some_variants_times_every_variant_that_passed(tiny_copy):
+    """`auto` ranks speeds against each other: a verify of one variant re-times the others that passed
+    too, so no ranking compares a figure from a busy hour with one from a quiet one."""
+    from corom_export.verify import verify_artifact
+
+    before = json.loads(manifest_bytes(tiny_copy))
+    passed = sorted(n for n, v in before["variants"].items() if v["passed"])
+    assert len(passed) > 1 and all(before["variants"][n]["speed"]["texts"] == 32 for n in passed)
+    verify_artifact(tiny_copy, **TINY_SIZES, variants=["opt"], stsb=False, speed_texts=16, speed_rounds=1)
+    after = json.loads(manifest_bytes(tiny_copy))
+    assert {n: after["variants"][n]["speed"]["texts"] for n in passed} == {n: 16 for n in passed}
+    assert len({after["variants"][n]["speed"]["measured"][:16] for n in passed}) == 1  # one run, to the minute
+    assert {n: after["variants"][n]["parity"] for n in passed if n != "opt"} == \
+        {n: before["variants"][n]["parity"] for n in passed if n != "opt"}  # only opt was judged again
 
 
 def test_an_interrupted_verify_leaves_a_loadable_artifact(tiny_copy, monkeypatch):
