@@ -188,8 +188,8 @@ def run(args: argparse.Namespace) -> dict:
 
     progress("quality: parity against pytorch-fp32, STSb, batch invariance, latency")
     pairs = load_pairs(find_stsb()) if find_stsb() else None
-    if pairs is not None and args.quick:  # a smoke run: the first 300 pairs show the path works, not the figure
-        pairs = pairs.head(300)
+    if pairs is not None and args.quick:  # a smoke run: the first 100 pairs show the path works, not the figure
+        pairs = pairs.head(100)
 
     def embeddings(name: str, w: str) -> np.ndarray:
         passages = outputs[name].get(w)
@@ -252,7 +252,7 @@ def run(args: argparse.Namespace) -> dict:
         emb = encoders[default].embedder
         clients = (1, 8) if args.quick else (1, 8, 32, 128)
         queries = corpora[args.workloads[0]].queries
-        result["concurrency"] = concurrency.run(emb, queries, clients, seconds=1.0 if args.quick else 4.0)
+        result["concurrency"] = concurrency.run(emb, queries, clients, seconds=0.5 if args.quick else 4.0)
     result["targets"] = targets(result)
     return result
 
