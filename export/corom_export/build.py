@@ -208,19 +208,16 @@ def export_artifact(model: str, out: Path, options: ExportOptions = ExportOption
             from . import openvino_int8
 
             _step(6, total, "OpenVINO: static int8 with NNCF, calibrated on the calibration corpus (and bf16 on the plain graph)")
+            ov_calibration = openvino_int8.calibration_inputs(work / "tokenizer.json", preset.max_length,
+                                                              options.calibration_texts, pad_id=pad_id)
             manifest.export["openvino_int8"] = openvino_int8.write_ov_int8(
-                work / FILES["fp32"], work / FILES["ov-int8"],
-                openvino_int8.calibration_inputs(work / "tokenizer.json", preset.max_length, options.calibration_texts,
-                                                 pad_id=pad_id),
-                sizes["hidden"], sizes["intermediate"])
+                work / FILES["fp32"], work / FILES["ov-int8"], ov_calibration, sizes["hidden"], sizes["intermediate"])
             add_variant(manifest, work, "ov-int8")
             add_variant(manifest, work, "ov-bf16")
             if options.wants("ov-int8-fast"):  # the fast tier's recipe: every weight MatMul int8
                 manifest.export["openvino_int8_fast"] = openvino_int8.write_ov_int8(
-                    work / FILES["fp32"], work / FILES["ov-int8-fast"],
-                    openvino_int8.calibration_inputs(work / "tokenizer.json", preset.max_length, options.calibration_texts,
-                                                 pad_id=pad_id),
-                    sizes["hidden"], sizes["intermediate"], recipe="full")
+                    work / FILES["fp32"], work / FILES["ov-int8-fast"], ov_calibration, sizes["hidden"],
+                    sizes["intermediate"], recipe="full")
                 add_variant(manifest, work, "ov-int8-fast")
 
         for name in [n for n in manifest.variants if not options.wants(n)]:
