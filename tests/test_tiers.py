@@ -266,6 +266,26 @@ def test_verify_records_the_figures_the_tiers_come_from():
     assert failed.tiers(REF_STSB) == ()   # a variant that failed its own gate is served at no tier
 
 
+def test_the_verify_table_keeps_its_columns_for_a_variant_of_every_tier():
+    # "exact/faithful/fast" once ran into the next column: "pass  exact/faithful/fast CPUExecutionProvider"
+    from corom_export.verify import VariantResult, VerifyReport
+    from corom_runtime.catalog import VARIANTS
+    from corom_runtime.parity import Parity
+
+    def result(name: str, min_cos: float, top10: float) -> VariantResult:
+        parity = Parity(min_cosine=min_cos, mean_cosine=0.9999, max_abs_diff=1e-4, top10_agreement=top10,
+                        finite=True, texts=2200, queries=200, batch_invariance=0.99999)
+        return VariantResult(name, parity, VARIANTS[name].gate, f"engine-of-{name}", [], stsb_spearman=REF_STSB,
+                             retrieval_ndcg=1.0, speed={"texts_per_s": 100.0})
+
+    report = VerifyReport(Path("a"), [result("fp32", 1.0, 1.0), result("ov-int8", 0.995, 0.975)],
+                          reference_stsb=REF_STSB)
+    head, _, reference, every, some = report.table().splitlines()
+    column = head.index("measured with")
+    assert "exact/faithful/fast" in every and "faithful/fast" in some and "torch" in reference
+    assert every.index("engine-of-fp32") == some.index("engine-of-ov-int8") == reference.rindex("torch") == column
+
+
 def test_a_corpus_job_serves_the_asked_tier(bundled_artifact, tmp_path, capsys):
     from corom_runtime.artifacts.artifact import load_artifact
 

@@ -22,7 +22,7 @@ from corom_runtime.artifacts.artifact import load_artifact, sha256_file
 from corom_runtime.batching import pad_batch, plan_batches
 from corom_runtime.shaping import QUANTIZATION_FILE
 from corom_runtime.cpu_check import CHECK_FILE, CheckSet, Platform, matching_record, pick_check_texts
-from corom_runtime.catalog import VARIANTS, Gate, engine_installed
+from corom_runtime.catalog import TIERS, VARIANTS, Gate, engine_installed
 from corom_runtime.errors import CoromError
 from corom_runtime.machine import cpu_model
 from corom_runtime.tokenization import TextTokenizer, TokenizedText
@@ -83,26 +83,27 @@ class VerifyReport:
         return any(r.passed for r in self.results)
 
     def table(self) -> str:
+        wide = len("/".join(TIERS))  # a variant that passed every tier: its column still lines up
         head = (f"{'variant':12} {'min cos':>10} {'max |diff|':>11} {'top-10':>7} {'nDCG@10':>8} {'batch inv':>10} "
-                f"{'STSb':>7} {'texts/s':>8} {'gate':>6}  {'tiers':16} measured with")
+                f"{'STSb':>7} {'texts/s':>8} {'gate':>6}  {'tiers':{wide}} measured with")
         lines = [head, "-" * len(head)]
         if self.reference_stsb is not None:
             lines.append(f"{'pytorch':12} {1.0:>10.6f} {0.0:>11.2e} {1.0:>7.4f} {1.0:>8.4f} {1.0:>10.7f} "
-                         f"{self.reference_stsb:>7.4f} {'-':>8} {'ref':>6}  {'':16} torch")
+                         f"{self.reference_stsb:>7.4f} {'-':>8} {'ref':>6}  {'':{wide}} torch")
         for r in self.results:
             p = r.parity
             stsb = f"{r.stsb_spearman:.4f}" if r.stsb_spearman is not None else "-"
             if p is None:
                 state = "skip" if r.skipped else "FAIL"
                 lines.append(f"{r.variant:12} {'-':>10} {'-':>11} {'-':>7} {'-':>8} {'-':>10} {stsb:>7} {'-':>8} "
-                             f"{state:>6}  {'-':16} {r.skipped or '; '.join(r.failures)}")
+                             f"{state:>6}  {'-':{wide}} {r.skipped or '; '.join(r.failures)}")
                 continue
             speed = f"{r.speed['texts_per_s']:.0f}" if r.speed else "-"
             ndcg = f"{r.retrieval_ndcg:.4f}" if r.retrieval_ndcg is not None else "-"
             tiers = "/".join(r.tiers(self.reference_stsb)) or "none"
             lines.append(f"{r.variant:12} {p.min_cosine:>10.6f} {p.max_abs_diff:>11.2e} {p.top10_agreement:>7.4f} "
                          f"{ndcg:>8} {p.batch_invariance:>10.7f} {stsb:>7} {speed:>8} {'pass' if r.passed else 'FAIL':>6}"
-                         f"  {tiers:16} {r.measured_with}" + ("" if r.passed else f"  ({'; '.join(r.failures)})"))
+                         f"  {tiers:{wide}} {r.measured_with}" + ("" if r.passed else f"  ({'; '.join(r.failures)})"))
         if self.stsb_skipped:
             lines.append(f"STSb skipped: {self.stsb_skipped}")
         return "\n".join(lines)
