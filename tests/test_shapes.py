@@ -10,7 +10,7 @@ from conftest import SUITE_VARIANTS
 from corom_runtime import Embedder
 from corom_runtime.batching import pad_batch
 from corom_runtime.catalog import ENGINES, VARIANTS, engine_installed
-from corom_runtime.shapes import BATCH_SIZES, bucket_length, bucket_rows, bucket_shapes, pad_to_bucket
+from corom_runtime.shapes import QUERY_WARM_TOKENS, BATCH_SIZES, bucket_length, bucket_rows, bucket_shapes, pad_to_bucket
 
 OPENVINO_VARIANTS = [n for n, v in VARIANTS.items() if v.engine == "openvino" and "cpu" in v.devices
                      and n in SUITE_VARIANTS]
@@ -84,3 +84,20 @@ def test_warming_runs_every_bucket_once(bundled_artifact, monkeypatch):
     lengths = -(-emb.max_seq_length // 16)  # 16, 32, ... up to the artifact's window
     assert emb.session.warm_buckets(4) == len(seen) == 4 * lengths  # rows 1, 2, 3, 4 x every length
     assert len(set(seen)) == len(seen) and max(n for _, n in seen) == emb.max_seq_length
+
+
+@pytest.mark.skipif(not engine_installed("openvino"), reason="the OpenVINO engine is not installed")
+def test_loading_compiles_a_single_querys_shapes_so_no_first_query_pays_for_it(bundled_artifact, monkeypatch):
+    from corom_runtime.engines.openvino import OpenVINOSession
+
+    seen: list[tuple[int, int]] = []
+    real = OpenVINOSession.run
+    monkeypatch.setattr(OpenVINOSession, "run", lambda self, ids, mask: seen.append(ids.shape) or real(self, ids, mask))
+    emb = Embedder.load(bundled_artifact, variant="ov-bf16", device="cpu", verify_here=False)
+    wanted = {(1, n) for n in range(16, QUERY_WARM_TOKENS + 1, 16)}
+    assert wanted <= set(seen) and max(n for rows, n in seen if rows == 1) == QUERY_WARM_TOKENS < emb.max_seq_length
+    seen.clear()
+    Embedder.load(bundled_artifact, variant="ov-bf16", device="cpu", verify_here=False, warmup=False)
+    assert len(seen) == 1  # warmup=False: only the probe that checks the graph's width
+    seen.clear()  # a bound between two buckets warms the bucket its texts are padded to
+    assert emb.session.warm_buckets(1, max_tokens=40) == len(seen) == 3 and seen[-1] == (1, 48)

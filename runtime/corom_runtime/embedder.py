@@ -30,6 +30,7 @@ from corom_runtime.machine import cpu_model
 from corom_runtime.engines.base import EncoderSession
 from corom_runtime.engines.registry import open_session
 from corom_runtime.progress import progress_bar
+from corom_runtime.shapes import QUERY_WARM_TOKENS
 from corom_runtime.shaping import (DTYPES, NEEDS_RANGES, Ranges, calibration_ranges, check_shape_options,
                                    shape_vectors, shaped_width)
 from corom_runtime.tokenization import MAX_WINDOWS, TextTokenizer, TokenizedText, check_texts
@@ -317,7 +318,13 @@ class Embedder:
                 raise ProviderUnavailableError(f"{message}; fix that, or pass device='cpu' or allow_fallback=True")
             log.warning("%s; running on %s", message, embedder.session.device)
         embedder.info = replace(embedder.info, fidelity=served_tier(tuple(embedder.info.tiers), fidelity))
-        if warmup:  # a second, batched run: the engines allocate their buffers for more than one row
+        if warmup:
+            # an engine that compiles per shape (OpenVINO) compiles a single query's shapes now, not on
+            # the first query of each length: a first shape cost 1.5-2.5x its run (docs/decisions.md)
+            warm = getattr(embedder.session, "warm_buckets", None)
+            if warm is not None:
+                warm(1, max_tokens=QUERY_WARM_TOKENS)
+            # a second, batched run: the engines allocate their buffers for more than one row
             embedder.encode(["warm up", "a somewhat longer warm-up text of a few more tokens"])
         log.info("loaded %s", embedder.info)
         return embedder

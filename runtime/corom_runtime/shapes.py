@@ -17,6 +17,9 @@ import bisect
 import numpy as np
 
 LENGTH_STEP = 16
+# an engine that compiles per shape compiles a single query's buckets (batch 1, up to this many
+# tokens) when the `Embedder` loads: queries are short, and longer texts come in batches
+QUERY_WARM_TOKENS = 128
 # at most 1.5x the rows of the batch asked for; past the table, multiples of its last size
 BATCH_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 

@@ -16,7 +16,7 @@ import numpy as np
 from corom_runtime.catalog import ENGINES
 from corom_runtime.errors import ArtifactError, ProviderUnavailableError
 from corom_runtime.engines.settings import SessionSettings
-from corom_runtime.shapes import bucket_list, pad_to_bucket
+from corom_runtime.shapes import bucket_length, bucket_list, pad_to_bucket
 from corom_runtime.engines.base import OUTPUT, build_feed, check_inputs
 
 log = logging.getLogger(__name__)
@@ -140,13 +140,15 @@ class OpenVINOSession:
                 return self._compiled.create_infer_request()
         return self._requests.get()  # every request is busy: wait for one to come back
 
-    def warm_buckets(self, max_rows: int, stop: threading.Event | None = None) -> int:
-        """Compile every shape bucket of batches up to `max_rows` (smallest first), so no request pays a
-        first compile and memory reaches its bound at once instead of over hours. For a server, in a
-        background thread after it is ready: it shares the infer requests with live traffic one
-        inference at a time; `stop` ends it between two shapes (a process must not exit while OpenVINO
-        runs in a daemon thread: it aborts). Returns how many shapes it ran."""
-        shapes = bucket_list(self.max_length, max_rows) if self.shape_buckets else []
+    def warm_buckets(self, max_rows: int, stop: threading.Event | None = None, max_tokens: int | None = None) -> int:
+        """Compile every shape bucket of batches up to `max_rows` rows (and `max_tokens` tokens; None:
+        the model's window), smallest first, so no request pays a first compile and memory reaches its
+        bound at once instead of over hours. For a server, in a background thread after it is ready: it
+        shares the infer requests with live traffic one inference at a time; `stop` ends it between two
+        shapes (a process must not exit while OpenVINO runs in a daemon thread: it aborts). Returns how
+        many shapes it ran."""
+        window = bucket_length(max_tokens, self.max_length) if max_tokens else self.max_length
+        shapes = bucket_list(window, max_rows) if self.shape_buckets else []
         for done, (rows, length) in enumerate(shapes):
             if stop is not None and stop.is_set():
                 return done
