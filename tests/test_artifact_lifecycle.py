@@ -437,6 +437,18 @@ def test_roberta_max_length_is_refused_past_its_position_table(tmp_path):
         settings_for(str(folder), ExportOptions(max_length=129))
 
 
+def test_a_checkpoint_whose_position_table_is_under_128_exports_within_it(tmp_path):
+    """The default 128 was checked against the table before --max-length applied: a 64-position BERT
+    could not be exported at all ("max_length 128 must be within 2..64", --max-length 64 or not)."""
+    from checkpoints import write_modelscope_checkpoint
+    from corom_export.build import ExportOptions, settings_for
+
+    folder = write_modelscope_checkpoint(tmp_path / "short", num_hidden_layers=1, hidden_size=64, intermediate_size=128,
+                                         num_attention_heads=2, max_position_embeddings=64)
+    assert settings_for(str(folder), ExportOptions())[0].max_length == 64
+    assert settings_for(str(folder), ExportOptions(max_length=32))[0].max_length == 32
+
+
 def perturbed(folder: Path, variant: str, scale: float) -> None:
     """Noise of `scale` x each weight matrix's spread on a variant's graph (a realistically broken
     variant: min cos 0.96 at 0.05, 0.69 at 0.15 on the bundled model's check set), manifest updated."""

@@ -101,3 +101,17 @@ def test_loading_compiles_a_single_querys_shapes_so_no_first_query_pays_for_it(b
     assert len(seen) == 1  # warmup=False: only the probe that checks the graph's width
     seen.clear()  # a bound between two buckets warms the bucket its texts are padded to
     assert emb.session.warm_buckets(1, max_tokens=40) == len(seen) == 3 and seen[-1] == (1, 48)
+
+
+def test_warming_a_single_querys_buckets_stops_at_a_window_under_128():
+    """A model whose window is under QUERY_WARM_TOKENS is warmed to its window, never past it: a 64-token
+    model fed 128 tokens overran its position table and `Embedder.load` failed in OpenVINO."""
+    from types import SimpleNamespace
+
+    from corom_runtime.engines.openvino import OpenVINOSession
+
+    for window, lengths in ((64, [16, 32, 48, 64]), (72, [16, 32, 48, 64, 72])):
+        seen: list[tuple[int, int]] = []
+        session = SimpleNamespace(max_length=window, shape_buckets=True, run=lambda ids, mask: seen.append(ids.shape))
+        assert OpenVINOSession.warm_buckets(session, 1, max_tokens=QUERY_WARM_TOKENS) == len(lengths)
+        assert seen == [(1, n) for n in lengths]

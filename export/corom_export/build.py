@@ -82,8 +82,11 @@ def settings_for(model: str, options: ExportOptions) -> tuple[Preset, str | None
             pooling, normalize = checkpoint.pooling_hint() or ("cls", False)
             preset = Preset(name=checkpoint.folder.name, source=model, pooling=pooling, normalize=normalize,
                             score="cosine" if normalize else "dot",
-                            # the folder's own max_seq_length (sentence_bert_config.json), as sentence-transformers cuts
-                            max_length=checkpoint.max_seq_length() or 128, prompts=checkpoint.prompts(),
+                            # --max-length, else the folder's own max_seq_length (sentence_bert_config.json), as
+                            # sentence-transformers cuts, else 128 or the position table where that is shorter
+                            max_length=options.max_length or checkpoint.max_seq_length()
+                            or min(128, int(checkpoint.config.get("max_position_embeddings", 512))),
+                            prompts=checkpoint.prompts(),
                             max_length_limit=int(checkpoint.config.get("max_position_embeddings", 512)))
     else:
         raise PresetError(f"unknown preset {model!r}; known presets: {', '.join(list_presets())}. "

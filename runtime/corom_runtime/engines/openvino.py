@@ -147,7 +147,9 @@ class OpenVINOSession:
         shares the infer requests with live traffic one inference at a time; `stop` ends it between two
         shapes (a process must not exit while OpenVINO runs in a daemon thread: it aborts). Returns how
         many shapes it ran."""
-        window = bucket_length(max_tokens, self.max_length) if max_tokens else self.max_length
+        # never past the model's window: a 128-token bound on a 64-token model is its 64 (a longer input
+        # overruns a position table sized to the window)
+        window = min(bucket_length(max_tokens, self.max_length), self.max_length) if max_tokens else self.max_length
         shapes = bucket_list(window, max_rows) if self.shape_buckets else []
         for done, (rows, length) in enumerate(shapes):
             if stop is not None and stop.is_set():
