@@ -93,6 +93,12 @@ def test_auto_ranking_shows_speeds_ties_and_exclusions():
     variants["ov-int8"], variants["ov-bf16"] = entry("ov-int8", 103.0), entry("ov-bf16", 100.0)
     rows = {r["variant"]: r for r in auto_ranking(variants, "cpu", here)}
     assert rows["ov-bf16"]["rank"] == 1 and rows["ov-bf16"]["tie_with"] == "ov-int8"
+    assert rows["ov-bf16"]["tie_rule"] == "the more faithful first"
+    # two variants of the same tiers: the tie goes to the table's order, and the ranking says that
+    ort = Machine(devices=("cpu",), engines=frozenset({"onnxruntime"}), cpu="Test CPU", threads=2)
+    same = {r["variant"]: r for r in auto_ranking({"opt": entry("opt", 100.0, engine="onnxruntime"),
+                                                   "fp32": entry("fp32", 103.0, engine="onnxruntime")}, "cpu", ort)}
+    assert same["opt"]["rank"] == 1 and same["opt"]["tie_with"] == "fp32" and same["opt"]["tie_rule"] == "the table's order"
     assert rows["ov-int8"]["rank"] == 2 and rows["ov-int8"]["tie_with"] is None
     assert rows["int8"]["excluded"] == "failed its gate at export"
     assert rows["opt"]["excluded"] == "onnxruntime not installed" and rows["opt"]["rank"] is None

@@ -4,7 +4,6 @@ functions over made-up figures, plus one load on the session artifact."""
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 
@@ -61,17 +60,19 @@ def test_labels_come_from_the_figures():
     assert tiers_of({**FAST, RETRIEVAL_KEY: 0.985}, REF_STSB) == ()
     assert tiers_of({**FAST, "min_cosine": 0.949}, REF_STSB) == ()
     assert tiers_of({**EXACT, "finite": False}, REF_STSB) == ()
-    # a figure not recorded fails only the tiers that need it
-    assert tiers_of(FAITHFUL, None) == ("faithful",)
-    assert tiers_of({k: v for k, v in FAITHFUL.items() if k != RETRIEVAL_KEY}, REF_STSB) == ("faithful",)
+    # a figure not recorded fails the tiers that need it, unless a stricter tier passed: the tiers nest
+    assert tiers_of(FAST, None) == () and tiers_of({k: v for k, v in FAST.items() if k != RETRIEVAL_KEY}, REF_STSB) == ()
+    assert tiers_of(FAITHFUL, None) == ("faithful", "fast")
+    assert tiers_of({k: v for k, v in FAITHFUL.items() if k != RETRIEVAL_KEY}, REF_STSB) == ("faithful", "fast")
+    assert tiers_of(EXACT, None) == ("exact", "faithful", "fast")
 
 
 def test_a_variant_that_failed_its_gate_has_no_tier_and_unverified_ones_get_their_gates_floors():
     assert variant_tiers(entry("ov-int8", FAITHFUL, passed=False), REF_STSB) == ()
-    # passed, no figures recorded: what its gate guaranteed (no task quality: never `fast`)
-    assert variant_tiers(entry("ov-int8", None)) == ("faithful",)
-    assert variant_tiers(entry("ov-bf16", None)) == ("exact", "faithful")
-    assert variant_tiers(entry("opt", None)) == ("exact", "faithful")
+    # passed, no figures recorded: what its gate guaranteed (faithful, and so every looser tier)
+    assert variant_tiers(entry("ov-int8", None)) == ("faithful", "fast")
+    assert variant_tiers(entry("ov-bf16", None)) == ("exact", "faithful", "fast")
+    assert variant_tiers(entry("opt", None)) == ("exact", "faithful", "fast")
 
 
 def test_a_manifest_from_before_tiers_loads_with_tiers_from_its_figures(tmp_path):
@@ -92,8 +93,9 @@ def test_a_manifest_from_before_tiers_loads_with_tiers_from_its_figures(tmp_path
     (tmp_path / "manifest.json").write_text(json.dumps(data))
     manifest = Manifest.read(tmp_path / "manifest.json")
     ref = manifest.quality["stsb_dev_spearman_reference"]
-    assert variant_tiers(manifest.variants["ov-int8"], ref) == ("faithful",)
-    assert variant_tiers(manifest.variants["ov-bf16"], ref) == ("exact", "faithful")
+    # no retrieval figure: fast only through the stricter tiers they passed
+    assert variant_tiers(manifest.variants["ov-int8"], ref) == ("faithful", "fast")
+    assert variant_tiers(manifest.variants["ov-bf16"], ref) == ("exact", "faithful", "fast")
 
 
 def test_retrieval_ndcg_forgives_near_ties_not_lost_neighbours():
@@ -129,24 +131,25 @@ def test_auto_runs_the_fastest_of_the_tier_and_a_tie_goes_to_the_more_faithful()
         == ["c", "a", "b"]
 
 
-def test_a_tier_nobody_passed_goes_up_with_a_warning_never_down(caplog):
-    # fast asked, but no variant recorded the fast tier's task-quality figures: the next tier up
+def test_a_tier_nobody_passed_is_an_error_and_the_tiers_nest_never_down():
+    # no variant recorded the fast tier's task-quality figures: those that passed a stricter tier serve it
     no_fast = {"ov-int8": entry("ov-int8", {**FAITHFUL, RETRIEVAL_KEY: None}, speed=500.0),
                "opt": entry("opt", {**EXACT, RETRIEVAL_KEY: None}, speed=200.0)}
-    with caplog.at_level(logging.WARNING):
-        assert choose_variant(no_fast, "auto", "cpu", CPU, ART, "fast", REF_STSB) == "ov-int8"
-    assert "no variant of /artifacts/m that runs here passed the 'fast' tier; serving the next tier up, 'faithful'" \
-        in caplog.text
-    # none faithful runs here (the exact one's engine is missing): exact is not faithful's fallback
-    # either, and fast is never taken for it: a clear error naming the tiers each variant passed
+    assert choose_variant(no_fast, "auto", "cpu", CPU, ART, "fast", REF_STSB) == "ov-int8"
+    assert choose_variant(no_fast, "ov-int8", "cpu", CPU, ART, "fast", REF_STSB) == "ov-int8"  # named, too
+    # none faithful runs here (the exact one's engine is missing): fast is never taken for it, by auto or
+    # when named: a clear error naming the tiers each variant passed
     no_openvino = Machine(("cpu",), frozenset({"onnxruntime"}), "EPYC", 2)
     mixed = {"ov-bf16": entry("ov-bf16", EXACT, speed=500.0), "int8": entry("int8", FAST, speed=900.0)}
-    with pytest.raises(ArtifactError, match=r"passed the 'faithful' tier \(.*\) or a stricter one; tiers passed: "
-                                            r"int8: fast"):
-        choose_variant(mixed, "auto", "cpu", no_openvino, ART, None, REF_STSB)
+    for asked in (None, "faithful"):
+        with pytest.raises(ArtifactError, match=r"passed the 'faithful' tier \(.*\) or a stricter one; tiers passed: "
+                                                r"int8: fast\. Ask for a tier one of them passed"):
+            choose_variant(mixed, "auto", "cpu", no_openvino, ART, asked, REF_STSB)
     with pytest.raises(ArtifactError, match=r"passed the 'exact' tier \(min cos >= 0.9999"):
         choose_variant(mixed, "auto", "cpu", no_openvino, ART, "exact", REF_STSB)
     assert choose_variant(mixed, "auto", "cpu", no_openvino, ART, "fast", REF_STSB) == "int8"
+    # with OpenVINO the exact variant serves a faithful request (it is faithful too), never int8
+    assert choose_variant(mixed, "auto", "cpu", CPU, ART, None, REF_STSB) == "ov-bf16"
 
 
 def test_a_named_variant_is_checked_against_a_named_tier():
@@ -197,7 +200,10 @@ def test_manifest_without_labels_still_loads(tmp_path, bundled_artifact):
     from corom_runtime import Embedder
 
     emb = Embedder.load(copy, verify_here=False, warmup=False)
-    assert emb.info.fidelity == "faithful" and "fast" not in emb.info.tiers
+    assert emb.info.fidelity == "faithful" and emb.info.tiers[-2:] == ["faithful", "fast"]
+    # fast asked: a variant that passed a stricter tier serves it, not refused for the missing figure
+    fast = Embedder.load(copy, verify_here=False, warmup=False, fidelity="fast")
+    assert fast.info.fidelity == "fast" and "fast" in fast.info.tiers
 
 
 def test_health_shows_the_tier(bundled_artifact):

@@ -124,7 +124,7 @@ class Tier:
     task_quality: float | None = None
 
 
-# Most faithful first: "the next tier up" is the one before. `faithful` is today's int8 gate, the default;
+# Most faithful first (a variant that passes one passes every later one: `tiers.tiers_of`). `faithful` is today's int8 gate, the default;
 # its batch invariance (0.999, the loosest variant gate's) still refuses per-batch int8 scales (0.997-0.998).
 TIERS: dict[str, Tier] = {t.name: t for t in (
     Tier("exact", "min cos >= 0.9999 on every text (plus faithful's top-10 and batch invariance)",

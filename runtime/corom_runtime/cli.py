@@ -242,6 +242,10 @@ def auto_ranking(variants: dict, device: str, machine, tier: str | None = None,
         faster = [n for n in ranked[ranked.index(name) + 1:] if speed and (speeds.get(n) or 0) > speed] \
             if name in ranked else []
         row["tie_with"] = faster[0] if faster else None
+        other = next((r for r in rows if r["variant"] == row["tie_with"]), None)
+        row["tie_rule"] = None if other is None else (
+            "the more faithful first" if faithfulness(tuple(row["tiers"])) > faithfulness(tuple(other["tiers"]))
+            else "the table's order")
     return sorted(rows, key=lambda r: (r["rank"] is None, r["rank"] or 0))
 
 
@@ -264,7 +268,7 @@ def _explain_auto(rows: list[dict], chosen: str) -> str:
         if r["rank"]:
             speed = f"{r['texts_per_s']:8.1f} texts/s" if r["texts_per_s"] else \
                 f"{'not measured here':>16}" + (f" (measured on {r['measured_on']})" if r["measured_on"] else "")
-            note = f"  (within {SPEED_TIE:.0%} of {r['tie_with']}: a tie, the more faithful first)" if r["tie_with"] else ""
+            note = f"  (within {SPEED_TIE:.0%} of {r['tie_with']}: a tie, {r['tie_rule']})" if r["tie_with"] else ""
             lines.append(f"{'':12}{r['rank']}. {r['variant']:12} {speed}  [{'/'.join(r['tiers']) or 'no tier'}]{note}")
         else:
             lines.append(f"{'':12}-  {r['variant']:12} excluded: {r['excluded']}")

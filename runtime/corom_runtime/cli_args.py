@@ -22,7 +22,7 @@ def model_args(p: argparse.ArgumentParser) -> None:
                                     for v in VARIANTS.values()))
     p.add_argument("--fidelity", default=None, choices=["auto", *TIERS],
                    help=f"the fidelity tier auto serves: the fastest variant that passed it (auto: "
-                        f"{DEFAULT_FIDELITY}, else the next tier up). "
+                        f"{DEFAULT_FIDELITY}; a tier includes the variants of every stricter one). "
                         + "; ".join(f"{t.name}: {t.description}" for t in TIERS.values()).replace("%", "%%"))
     p.add_argument("--device", default="auto", choices=device_names(),
                    help="auto = the first accelerator present, else the CPU. "

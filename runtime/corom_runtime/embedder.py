@@ -265,8 +265,9 @@ class Embedder:
 
         fidelity: the tier "auto" serves (`corom_runtime.catalog.TIERS`): "exact", "faithful" or "fast";
         the fastest variant that passed it on this CPU (a speed tie goes to the more faithful). None
-        ("auto"): "faithful", or the next tier up with a warning where no variant passed it; a named tier
-        no variant passed, or a named variant that did not pass a named tier, is an error.
+        ("auto"): "faithful". The tiers nest: a variant that passed a tier passed every looser one, so a
+        faithful request may be served an exact variant, never a fast one. A tier no variant passed here,
+        or a named variant that did not pass a named tier, is an error.
 
         verify_here: a variant is served only where its gate holds. On a CPU or engine version the
         artifact was not verified on, its gate is checked once on the artifact's check set (seconds;

@@ -13,7 +13,7 @@ from pathlib import Path
 from corom_runtime.catalog import DEFAULT_FIDELITY, DEVICES, ENGINES, TIERS, VARIANTS, auto_order, engines_of
 from corom_runtime.errors import ArtifactError, ProviderUnavailableError
 from corom_runtime.artifacts.manifest import VariantEntry
-from corom_runtime.tiers import check_fidelity, faithfulness, tiers_up, variant_tiers
+from corom_runtime.tiers import check_fidelity, faithfulness, variant_tiers
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,10 @@ def variant_order(variants: dict[str, VariantEntry], requested: str, device: str
     `reference_stsb` is the manifest's, which the fast tier's STSb figure is judged against), in the
     engine table's order for the device (`engines.auto_order`), re-ranked by the speed measured on this
     CPU and thread count (`rank_by_speed`: a tie goes to the more faithful). `fidelity` None ("auto"):
-    the default tier. Where no variant that runs here passed the tier, the next tier up, with a warning
-    (never down: a faithful request is never served a fast variant); none up the line is an error, and
-    so is a named variant that did not pass a named tier.
+    the default tier. The tiers nest, so a tier's variants include every stricter tier's (a faithful
+    request may be served an exact variant, never a fast one). A tier no variant that runs here
+    passed is an error naming the tiers each passed, and so is a named variant that did not pass a
+    named tier.
     """
     named = check_fidelity(fidelity)
     labels = {n: variant_tiers(e, reference_stsb) for n, e in variants.items()}
@@ -139,17 +140,14 @@ def variant_order(variants: dict[str, VariantEntry], requested: str, device: str
                if skipped else "none passed its parity gate for it")
         raise ArtifactError(f"no variant of {artifact} can run on {device!r}: {why}")
     passed = ", ".join(f"{n}: {'/'.join(labels[n]) or 'none'}" for n in runnable)
-    tried: list[str] = []
-    for tier in (tiers_up(named) if named else tiers_up(DEFAULT_FIDELITY)):
-        candidates = [n for n in runnable if tier in labels[n]]
-        if candidates:
-            if tried:
-                log.warning("no variant of %s that runs here passed the %r tier; serving the next tier up, %r "
-                            "(tiers passed: %s)", artifact, tried[0], tier, passed)
-            speeds = {n: measured_speed(variants[n], machine, device) for n in candidates}
-            return rank_by_speed(candidates, speeds, fidelity={n: faithfulness(labels[n]) for n in candidates})
-        tried.append(tier)
-    raise ArtifactError(f"no variant of {artifact} that runs on {device!r} passed the {tried[0]!r} tier "
-                        f"({TIERS[tried[0]].description}){' or a stricter one' if len(tried) > 1 else ''}; "
-                        f"tiers passed: {passed}. Ask for a tier one of them passed (tiers: {list(TIERS)}), or "
-                        "re-run `corom verify` where the figures are missing")
+    tier = named or DEFAULT_FIDELITY
+    # the tiers nest (`tiers.tiers_of`): a stricter tier's variants are among these, so "up" needs no
+    # fallback of its own, and there is never one down
+    candidates = [n for n in runnable if tier in labels[n]]
+    if not candidates:
+        raise ArtifactError(f"no variant of {artifact} that runs on {device!r} passed the {tier!r} tier "
+                            f"({TIERS[tier].description}) or a stricter one; tiers passed: {passed}. Ask for a "
+                            f"tier one of them passed (tiers: {list(TIERS)}), or re-run `corom verify` where the "
+                            "figures are missing")
+    speeds = {n: measured_speed(variants[n], machine, device) for n in candidates}
+    return rank_by_speed(candidates, speeds, fidelity={n: faithfulness(labels[n]) for n in candidates})

@@ -20,13 +20,13 @@ RETRIEVAL_KEY = "retrieval_ndcg10"
 
 
 def check_fidelity(fidelity: str | None) -> str | None:
-    """`fidelity` as given (None or "auto": the default tier, with its fallback up); an unknown
+    """`fidelity` as given (None or "auto": the default tier); an unknown
     name is a `ValueError` listing the tiers."""
     if fidelity is None or fidelity == "auto":
         return None
     if fidelity not in TIERS:
-        raise ValueError(f"fidelity must be one of {list(TIERS)} (or 'auto': {DEFAULT_FIDELITY}, else the next tier "
-                         f"up), got {fidelity!r}: " + "; ".join(f"{t.name}: {t.description}" for t in TIERS.values()))
+        raise ValueError(f"fidelity must be one of {list(TIERS)} (or 'auto': {DEFAULT_FIDELITY}), "
+                         f"got {fidelity!r}: " + "; ".join(f"{t.name}: {t.description}" for t in TIERS.values()))
     return fidelity
 
 
@@ -86,8 +86,13 @@ def meets(tier: Tier, figures: dict, reference_stsb: float | None = None) -> boo
 
 
 def tiers_of(figures: dict, reference_stsb: float | None = None) -> tuple[str, ...]:
-    """The tiers `figures` pass, most faithful first."""
-    return tuple(t.name for t in TIERS.values() if meets(t, figures, reference_stsb))
+    """The tiers `figures` pass, most faithful first. The tiers nest: a variant that passed one passes
+    every looser one (every text already closer to fp32 than the looser tier asks), also where a
+    figure only the looser tier reads was not recorded (STSb, where its data was absent): a request
+    for `fast` is never refused, nor sent up a tier, for a variant that is `exact`."""
+    order = list(TIERS)
+    met = [i for i, t in enumerate(TIERS.values()) if meets(t, figures, reference_stsb)]
+    return tuple(order[min(met):]) if met else ()
 
 
 def variant_tiers(entry, reference_stsb: float | None = None) -> tuple[str, ...]:
