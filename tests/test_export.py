@@ -85,6 +85,13 @@ def test_manifest_describes_the_graph(bundled_artifact):
     assert fp16.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
     assert fp16.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in fp16.graph.initializer)
+    # a normalizing model's fp16 vectors are unit length, as fp32's: the norm once went through an fp16
+    # Expand before the Div (norms 0.9996-1.0005: a text's dot product with itself 1.0009)
+    from corom_runtime import Embedder
+
+    texts = ["What is the capital of France?", "a", "how long it take to get a master degree " * 10]
+    vectors = Embedder.load(bundled_artifact, variant="fp16", device="cpu", verify_here=False).encode(texts)
+    assert np.abs(np.linalg.norm(vectors, axis=1) - 1).max() < 1e-6
 
 
 def test_corom_artifact_is_cls_dot(corom_artifact):

@@ -36,6 +36,6 @@ def write_fp16(fused: OnnxModel, path: Path) -> None:
     """
     fused.convert_float_to_float16(
         keep_io_types=True,
-        op_block_list=["ReduceSum", "ReduceL2", "Div", "Clip", "Softmax", "Erf", "Pow", "Sqrt"],
+        op_block_list=["ReduceSum", "ReduceL2", "Div", "Clip", "Expand", "Softmax", "Erf", "Pow", "Sqrt"],
     )
     fused.save_model_to_file(str(path))
