@@ -442,11 +442,29 @@ def test_a_checkpoint_whose_position_table_is_under_128_exports_within_it(tmp_pa
     could not be exported at all ("max_length 128 must be within 2..64", --max-length 64 or not)."""
     from checkpoints import write_modelscope_checkpoint
     from corom_export.build import ExportOptions, settings_for
+    from corom_runtime.errors import CoromError
 
     folder = write_modelscope_checkpoint(tmp_path / "short", num_hidden_layers=1, hidden_size=64, intermediate_size=128,
                                          num_attention_heads=2, max_position_embeddings=64)
     assert settings_for(str(folder), ExportOptions())[0].max_length == 64
     assert settings_for(str(folder), ExportOptions(max_length=32))[0].max_length == 32
+    # a window past the table names the table (it said "preset 'short': max_length 100 must be within 2..64")
+    with pytest.raises(CoromError, match="at most 64 tokens"):
+        settings_for(str(folder), ExportOptions(max_length=100))
+
+
+def test_a_roberta_default_window_stays_within_its_position_table(tmp_path):
+    """The default window was min(128, max_position_embeddings), past what a RoBERTa-family table holds
+    (it starts after the pad id): a 66-position XLM-R was refused "--max-length 66" with no --max-length."""
+    import json
+
+    from checkpoints import write_xlmr_checkpoint
+    from corom_export.build import ExportOptions, settings_for
+
+    folder = write_xlmr_checkpoint(tmp_path / "xlmr")          # pad id 1
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 66}))
+    assert settings_for(str(folder), ExportOptions())[0].max_length == 64
 
 
 def perturbed(folder: Path, variant: str, scale: float) -> None:

@@ -74,6 +74,8 @@ def settings_for(model: str, options: ExportOptions) -> tuple[Preset, str | None
         checkpoint = resolve(preset.source)
     elif Path(model).exists() or "/" in model or model.startswith(SOURCE_PREFIXES):
         checkpoint = resolve(model)
+        table = position_limit(checkpoint.config, checkpoint.family)
+        within_table(options.max_length, table, checkpoint)  # before a Preset refuses it less clearly
         if options.preset:  # a preset's model, downloaded elsewhere: its settings, this folder's weights
             preset, name = load_preset(options.preset), find_preset(options.preset)
             preset = Preset(**{**preset.to_dict(), "source": model})
@@ -84,10 +86,9 @@ def settings_for(model: str, options: ExportOptions) -> tuple[Preset, str | None
                             score="cosine" if normalize else "dot",
                             # --max-length, else the folder's own max_seq_length (sentence_bert_config.json), as
                             # sentence-transformers cuts, else 128 or the position table where that is shorter
-                            max_length=options.max_length or checkpoint.max_seq_length()
-                            or min(128, int(checkpoint.config.get("max_position_embeddings", 512))),
-                            prompts=checkpoint.prompts(),
-                            max_length_limit=int(checkpoint.config.get("max_position_embeddings", 512)))
+                            # (less the pad id and 1 where positions start after it: RoBERTa, XLM-R)
+                            max_length=options.max_length or checkpoint.max_seq_length() or min(128, table or 512),
+                            prompts=checkpoint.prompts(), max_length_limit=table or 512)
     else:
         raise PresetError(f"unknown preset {model!r}; known presets: {', '.join(list_presets())}. "
                           "Pass one of them, or a checkpoint folder.")
@@ -95,12 +96,16 @@ def settings_for(model: str, options: ExportOptions) -> tuple[Preset, str | None
                                    ("score", options.score), ("max_length", options.max_length)) if v is not None}
     if overrides:
         preset = Preset(**{**preset.to_dict(), **overrides})
-    limit = position_limit(checkpoint.config, checkpoint.family)
-    if limit is not None and preset.max_length > limit:
-        raise CoromError(f"--max-length {preset.max_length} is more than this {checkpoint.family.name} checkpoint's "
+    within_table(preset.max_length, position_limit(checkpoint.config, checkpoint.family), checkpoint)
+    return preset, name, checkpoint
+
+
+def within_table(max_length: int | None, limit: int | None, checkpoint: Checkpoint) -> None:
+    """Refuse a window longer than the checkpoint's position table holds (`position_limit`)."""
+    if limit is not None and max_length is not None and max_length > limit:
+        raise CoromError(f"--max-length {max_length} is more than this {checkpoint.family.name} checkpoint's "
                          f"position table holds: at most {limit} tokens (config.json max_position_embeddings"
                          f"{' less the pad id and 1: positions start after the pad id' if checkpoint.family.positions_after_pad else ''})")
-    return preset, name, checkpoint
 
 
 def position_limit(config: dict, family) -> int | None:
