@@ -145,8 +145,16 @@ def test_a_tier_nobody_passed_is_an_error_and_the_tiers_nest_never_down():
         with pytest.raises(ArtifactError, match=r"passed the 'faithful' tier \(.*\) or a stricter one; tiers passed: "
                                                 r"int8: fast\. Ask for a tier one of them passed"):
             choose_variant(mixed, "auto", "cpu", no_openvino, ART, asked, REF_STSB)
-    with pytest.raises(ArtifactError, match=r"passed the 'exact' tier \(min cos >= 0.9999"):
+    with pytest.raises(ArtifactError, match=r"passed the 'exact' tier \(min cos >= 0.9999") as refused:
         choose_variant(mixed, "auto", "cpu", no_openvino, ART, "exact", REF_STSB)
+    # nothing is stricter than exact, and no figure is missing: no advice to re-verify
+    assert "stricter" not in str(refused.value) and "re-run" not in str(refused.value)
+    # a fast-only variant whose record lacks the retrieval figure: the error says which, and what to run
+    unmeasured = {"int8": entry("int8", {**FAST, RETRIEVAL_KEY: None}, speed=900.0)}
+    with pytest.raises(ArtifactError, match=r"re-run `corom verify`: the records of int8 lack figures the 'fast' tier"):
+        choose_variant(unmeasured, "auto", "cpu", no_openvino, ART, "fast", REF_STSB)
+    with pytest.raises(ArtifactError, match=r"it passed none; its record lacks retrieval_ndcg10: re-run `corom verify`"):
+        choose_variant(unmeasured, "int8", "cpu", no_openvino, ART, "fast", REF_STSB)
     assert choose_variant(mixed, "auto", "cpu", no_openvino, ART, "fast", REF_STSB) == "int8"
     # with OpenVINO the exact variant serves a faithful request (it is faithful too), never int8
     assert choose_variant(mixed, "auto", "cpu", CPU, ART, None, REF_STSB) == "ov-bf16"

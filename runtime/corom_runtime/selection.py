@@ -13,7 +13,7 @@ from pathlib import Path
 from corom_runtime.catalog import DEFAULT_FIDELITY, DEVICES, ENGINES, TIERS, VARIANTS, auto_order, engines_of
 from corom_runtime.errors import ArtifactError, ProviderUnavailableError
 from corom_runtime.artifacts.manifest import VariantEntry
-from corom_runtime.tiers import check_fidelity, faithfulness, variant_tiers
+from corom_runtime.tiers import check_fidelity, faithfulness, figures_of, missing_figures, variant_tiers
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,11 @@ def variant_order(variants: dict[str, VariantEntry], requested: str, device: str
                 f"variant {requested!r} runs on {entry.engine}, which is not installed: "
                 f"{ENGINES[entry.engine].install}")
         if named and named not in labels[requested]:
+            lacks = missing_figures(TIERS[named], figures_of(requested, entry.parity, entry.passed), reference_stsb)
+            why = (f"; its record lacks {', '.join(lacks)}: re-run `corom verify` to measure them" if lacks and entry.passed
+                   else "" if entry.passed else "; it failed its own gate")
             raise ArtifactError(f"variant {requested!r} of {artifact} did not pass the {named!r} tier "
-                                f"({TIERS[named].description}); it passed {list(labels[requested]) or 'none'}: "
+                                f"({TIERS[named].description}); it passed {list(labels[requested]) or 'none'}{why}: "
                                 "ask for another tier, or leave the variant to auto")
         return [requested]
     order = [v.name for v in auto_order(device) if v.name in variants] + [n for n in variants if n not in VARIANTS]
@@ -145,9 +148,13 @@ def variant_order(variants: dict[str, VariantEntry], requested: str, device: str
     # fallback of its own, and there is never one down
     candidates = [n for n in runnable if tier in labels[n]]
     if not candidates:
+        stricter = " or a stricter one" if list(TIERS).index(tier) > 0 else ""
+        lacking = [n for n in runnable
+                   if missing_figures(TIERS[tier], figures_of(n, variants[n].parity, True), reference_stsb)]
+        rerun = (f", or re-run `corom verify`: the records of {', '.join(lacking)} lack figures the {tier!r} "
+                 "tier reads" if lacking else "")
         raise ArtifactError(f"no variant of {artifact} that runs on {device!r} passed the {tier!r} tier "
-                            f"({TIERS[tier].description}) or a stricter one; tiers passed: {passed}. Ask for a "
-                            f"tier one of them passed (tiers: {list(TIERS)}), or re-run `corom verify` where the "
-                            "figures are missing")
+                            f"({TIERS[tier].description}){stricter}; tiers passed: {passed}. Ask for a tier one "
+                            f"of them passed (tiers: {list(TIERS)}){rerun}")
     speeds = {n: measured_speed(variants[n], machine, device) for n in candidates}
     return rank_by_speed(candidates, speeds, fidelity={n: faithfulness(labels[n]) for n in candidates})

@@ -3,10 +3,11 @@
 Pure functions over the manifest's records: `corom verify` records the figures (min cosine, top-10
 agreement, batch invariance, STSb Spearman, retrieval nDCG@10) and the labels are computed from them
 wherever they are needed, so a manifest written before tiers existed gets its labels from the same
-figures, and a changed tier table relabels every artifact at once.
+figures, and a changed tier table relabels every artifact at once. The tiers nest: a faithful
+variant is fast too, even where the fast tier's own figures (STSb, retrieval) were not recorded.
 
 >>> tiers_of({"min_cosine": 0.995, "top10_agreement": 0.975, "batch_invariance": 1.0, "finite": True})
-('faithful',)
+('faithful', 'fast')
 """
 
 from __future__ import annotations
@@ -83,6 +84,22 @@ def meets(tier: Tier, figures: dict, reference_stsb: float | None = None) -> boo
         if not at_least(RETRIEVAL_KEY, tier.task_quality):
             return False
     return True
+
+
+def missing_figures(tier: Tier, figures: dict, reference_stsb: float | None = None) -> list[str]:
+    """The figures `tier` reads that `figures` (or the manifest, for the reference STSb) lack: what a
+    re-run of `corom verify` would record. Pure.
+
+    >>> missing_figures(TIERS["fast"], {"min_cosine": 1.0, "stsb_spearman": 0.86}, 0.87)
+    ['retrieval_ndcg10']
+    """
+    wanted = ["min_cosine"] + (["top10_agreement"] if tier.top10_agreement > 0 else []) \
+        + (["batch_invariance"] if tier.batch_invariance > 0 else []) \
+        + (["stsb_spearman", RETRIEVAL_KEY] if tier.task_quality is not None else [])
+    missing = [key for key in wanted if not isinstance(figures.get(key), (int, float))]
+    if tier.task_quality is not None and not reference_stsb:
+        missing.append("the reference's STSb")
+    return missing
 
 
 def tiers_of(figures: dict, reference_stsb: float | None = None) -> tuple[str, ...]:
