@@ -151,3 +151,22 @@ def test_long_text_examples_show_what_they_claim(bundled_artifact):
     assert float(plain @ emb.encode([long_text, "a short text"], chunking="mean")[0]) < 0.99
     spans = [c.spans for c in emb.encode_chunks([long_text])]
     assert len(spans[0]) >= 3 and readme_comment("[c.spans for c in emb.encode_chunks").startswith(str(spans))
+
+
+@pytest.mark.parametrize("package", ["corom_runtime", "corom_export"])
+def test_docstring_examples_run_as_written(package):
+    # the examples in the public docstrings are documentation too: one went stale when the tiers began
+    # to nest (`tiers_of` said ('faithful',)), unnoticed, because nothing ran them
+    import doctest
+    import importlib
+    import pkgutil
+
+    root = importlib.import_module(package)
+    failed, tried = [], 0
+    for info in pkgutil.walk_packages(root.__path__, f"{package}."):
+        result = doctest.testmod(importlib.import_module(info.name), optionflags=doctest.ELLIPSIS, report=False)
+        tried += result.attempted
+        if result.failed:
+            failed.append(f"{info.name}: {result.failed} of {result.attempted}")
+    assert tried > 20 if package == "corom_runtime" else tried > 0
+    assert not failed, f"docstring examples that do not run as written: {failed} (pytest --doctest-modules shows them)"

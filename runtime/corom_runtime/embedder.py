@@ -469,7 +469,7 @@ class Embedder:
         unchanged; `encode_chunks` returns the windows themselves).
 
         >>> e5 = Embedder.load("e5-small-v2")                                         # doctest: +SKIP
-        >>> q = e5.encode(["how long is a master degree"], prompt_name="query")       # = "query: how long ..."
+        >>> q = e5.encode(["how long is a master degree"], prompt_name="query")  # doctest: +SKIP
         >>> emb.encode(["a text"], truncate_dim=128, precision="ubinary").shape       # doctest: +SKIP
         (1, 16)
         """

@@ -5,9 +5,14 @@ the field and the fix; the exporter builds one with the constructors below and `
 Variant files must stay inside the artifact folder.
 
 >>> m = Manifest(name="m", source="s", pooling="mean", normalize=True, score="cosine", max_length=128,
-...              embedding_dim=384, tokenizer=TokenizerEntry(file="tokenizer.json", sha256="0" * 64))
+...              embedding_dim=384, tokenizer=TokenizerEntry(file="tokenizer.json", sha256="0" * 64),
+...              variants={"opt": VariantEntry(name="opt", file="model.opt.onnx", sha256="0" * 64,
+...                                            engine="onnxruntime", precision="fp32", devices=["cpu"])})
 >>> Manifest.from_dict(m.to_dict(), Path("manifest.json")).embedding_dim
 384
+>>> Manifest.from_dict({**m.to_dict(), "variants": {}}, Path("a/manifest.json"))
+Traceback (most recent call last):
+corom_runtime.errors.ArtifactError: a/manifest.json: field 'variants' is empty; re-run `corom export MODEL --out FOLDER --force` to rebuild the artifact
 """
 
 from __future__ import annotations
