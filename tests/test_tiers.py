@@ -15,7 +15,7 @@ from corom_runtime.catalog import DEFAULT_FIDELITY, TIERS
 from corom_runtime.cli import build_parser, main
 from corom_runtime.errors import ArtifactError
 from corom_runtime.selection import Machine, choose_variant, rank_by_speed, variant_order
-from corom_runtime.tiers import (RETRIEVAL_KEY, check_fidelity, retrieval_ndcg, served_tier, tiers_of, tiers_up,
+from corom_runtime.tiers import (RETRIEVAL_KEY, check_fidelity, retrieval_ndcg, served_tier, tiers_of,
                                  variant_tiers)
 
 ART = Path("/artifacts/m")
@@ -45,7 +45,6 @@ def test_tier_table_is_ordered_most_faithful_first_and_nested():
     floors = [TIERS[n].min_cosine for n in names]
     assert floors == sorted(floors, reverse=True) and TIERS["exact"].min_cosine == 0.9999
     assert TIERS["faithful"].top10_agreement == 0.97 and TIERS["fast"].min_cosine == 0.95
-    assert tiers_up("fast") == ["fast", "faithful", "exact"] and tiers_up("exact") == ["exact"]
 
 
 def test_labels_come_from_the_figures():
@@ -168,9 +167,8 @@ def test_a_named_variant_is_checked_against_a_named_tier():
         choose_variant(variants, "int8", "cpu", CPU, ART, "faithful", REF_STSB)
     assert served_tier(("fast",), None) == "fast" and served_tier(("exact", "faithful"), None) == "faithful"
     assert served_tier(("exact", "faithful"), "exact") == "exact" and served_tier((), None) == "none"
-    # auto asked for fast fell back up to faithful (a manifest without the retrieval figure): it serves
-    # faithful, and info, /health and the ranking say faithful, not the tier it could not find
-    assert served_tier(("exact", "faithful"), "fast") == "faithful"
+    # fast asked, an exact variant served (the tiers nest): info, /health and the ranking say fast
+    assert served_tier(("exact", "faithful", "fast"), "fast") == "fast"
 
 
 def test_cli_offers_the_tiers_on_serve_embed_and_info():

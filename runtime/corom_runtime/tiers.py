@@ -125,19 +125,15 @@ def faithfulness(tiers: tuple[str, ...]) -> int:
     return len(order) - min(order.index(t) for t in tiers) if tiers else 0
 
 
-def tiers_up(tier: str) -> list[str]:
-    """`tier`, then the stricter tiers in order (auto's fallback: never down)."""
-    order = list(TIERS)
-    return order[:order.index(tier) + 1][::-1]
-
-
 def served_tier(tiers: tuple[str, ...], fidelity: str | None) -> str:
-    """The tier a variant labelled `tiers` serves for a request of `fidelity` (None: auto): the one
-    asked for (the default for None) or, where auto fell back, the first tier up it passed; else (a
-    variant named below the default) its strictest; "none" for a variant without one.
+    """The tier a variant labelled `tiers` (nested: `tiers_of`) serves for a request of `fidelity`
+    (None: auto): the one asked for (the default for None); else (a variant named below the default)
+    its strictest; "none" for a variant without one.
 
-    >>> served_tier(("exact", "faithful"), "fast"), served_tier(("faithful", "fast"), None)
-    ('faithful', 'faithful')
+    >>> served_tier(("exact", "faithful", "fast"), "fast"), served_tier(("faithful", "fast"), None)
+    ('fast', 'faithful')
+    >>> served_tier(("fast",), None), served_tier((), None)
+    ('fast', 'none')
     """
-    named = check_fidelity(fidelity)
-    return next((t for t in tiers_up(named or DEFAULT_FIDELITY) if t in tiers), tiers[0] if tiers else "none")
+    asked = check_fidelity(fidelity) or DEFAULT_FIDELITY
+    return asked if asked in tiers else (tiers[0] if tiers else "none")
