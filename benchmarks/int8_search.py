@@ -122,41 +122,56 @@ def outlier_channels(maxabs: np.ndarray, ratio: float, most: int) -> list[int]:
     return sorted(int(i) for i in np.argsort(-maxabs)[:most] if maxabs[i] > ratio * median)
 
 
-def split_outliers(model: onnx.ModelProto, picks: dict[str, list[int]]) -> list[str]:
-    """Rewrite each MatMul in `picks` (name -> outlier channels of its input) as the int8-friendly
-    inliers' product plus the outliers' float product; returns the float MatMuls' names (for NNCF's
-    ignored scope). MatMuls reading the same input share its mask and gather."""
-    weights = {i.name: i for i in model.graph.initializer}
-    shared: dict[str, tuple[str, str]] = {}
-    nodes, floats = [], []
+def rewrite_matmuls(model: onnx.ModelProto, picks: dict[str, list[int]], per_input, per_matmul) -> None:
+    """The walk both rewrites share: each MatMul named in `picks` (name -> channels of its input) is
+    replaced by `per_matmul(node, idx, made)`'s nodes, where `made` is what `per_input(x, w, idx)`
+    returned (its nodes, then that value) the first time a picked MatMul read input `x`: MatMuls
+    reading the same input share its rewrite."""
+    made: dict[str, object] = {}
+    nodes = []
     for node in list(model.graph.node):
         idx = picks.get(node.name) or []
         if not idx:
             nodes.append(node)
             continue
         x, w = node.input
-        if x not in shared:
-            width = weights[w].dims[0]
-            mask = np.ones(width, np.float32)
-            mask[idx] = 0
-            model.graph.initializer.extend([numpy_helper.from_array(mask, f"{x}/inlier_mask"),
-                                            numpy_helper.from_array(np.array(idx, np.int64), f"{x}/outlier_index")])
-            nodes += [helper.make_node("Mul", [x, f"{x}/inlier_mask"], [f"{x}/inliers"], name=f"{x}/inlier_Mul"),
-                      helper.make_node("Gather", [x, f"{x}/outlier_index"], [f"{x}/outliers"],
-                                       name=f"{x}/outlier_Gather", axis=2)]
-            shared[x] = (f"{x}/inliers", f"{x}/outliers")
-        inliers, outliers = shared[x]
+        if x not in made:
+            extra, made[x] = per_input(x, w, idx)
+            nodes += extra
+        nodes += per_matmul(node, idx, made[x])
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
+def split_outliers(model: onnx.ModelProto, picks: dict[str, list[int]]) -> list[str]:
+    """Rewrite each MatMul in `picks` (name -> outlier channels of its input) as the int8-friendly
+    inliers' product plus the outliers' float product; returns the float MatMuls' names (for NNCF's
+    ignored scope). MatMuls reading the same input share its mask and gather."""
+    weights = {i.name: i for i in model.graph.initializer}
+    floats: list[str] = []
+
+    def per_input(x: str, w: str, idx: list[int]):
+        mask = np.ones(weights[w].dims[0], np.float32)
+        mask[idx] = 0
+        model.graph.initializer.extend([numpy_helper.from_array(mask, f"{x}/inlier_mask"),
+                                        numpy_helper.from_array(np.array(idx, np.int64), f"{x}/outlier_index")])
+        return [helper.make_node("Mul", [x, f"{x}/inlier_mask"], [f"{x}/inliers"], name=f"{x}/inlier_Mul"),
+                helper.make_node("Gather", [x, f"{x}/outlier_index"], [f"{x}/outliers"],
+                                 name=f"{x}/outlier_Gather", axis=2)], (f"{x}/inliers", f"{x}/outliers")
+
+    def per_matmul(node, idx: list[int], made):
+        (inliers, outliers), w = made, node.input[1]
         rows = numpy_helper.to_array(weights[w])[idx, :].astype(np.float32)
         model.graph.initializer.append(numpy_helper.from_array(rows, f"{w}/outlier_rows"))
         y = node.output[0]
         node.input[0], node.output[0] = inliers, f"{y}/inlier_part"
-        nodes.append(node)
-        nodes += [helper.make_node("MatMul", [outliers, f"{w}/outlier_rows"], [f"{y}/outlier_part"],
-                                   name=f"{node.name}/outlier_MatMul"),
-                  helper.make_node("Add", [f"{y}/inlier_part", f"{y}/outlier_part"], [y], name=f"{node.name}/outlier_Add")]
         floats.append(f"{node.name}/outlier_MatMul")
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
+        return [node,
+                helper.make_node("MatMul", [outliers, f"{w}/outlier_rows"], [f"{y}/outlier_part"],
+                                 name=f"{node.name}/outlier_MatMul"),
+                helper.make_node("Add", [f"{y}/inlier_part", f"{y}/outlier_part"], [y], name=f"{node.name}/outlier_Add")]
+
+    rewrite_matmuls(model, picks, per_input, per_matmul)
     return floats
 
 
@@ -167,34 +182,28 @@ def duplicate_outliers(model: onnx.ModelProto, picks: dict[str, list[int]], maxa
     the median channel's max, rounded up), and its weight rows repeat to match: the same product in
     float, one int8 MatMul, K grown by the copies. Returns [] (no MatMul is left in float)."""
     weights = {i.name: i for i in model.graph.initializer}
-    shared: dict[str, tuple[str, np.ndarray]] = {}
-    nodes = []
-    for node in list(model.graph.node):
-        idx = picks.get(node.name) or []
-        if not idx:
-            nodes.append(node)
-            continue
-        x, w = node.input
-        if x not in shared:
-            peak = maxabs[x]
-            limit = target_ratio * float(np.median(peak))
-            copies = {j: int(np.ceil(peak[j] / limit)) for j in idx}
-            order = np.concatenate([np.arange(len(peak)), [j for j in idx for _ in range(copies[j] - 1)]]).astype(np.int64)
-            scale = np.array([1.0 / copies.get(int(j), 1) for j in order], np.float32)
-            model.graph.initializer.extend([numpy_helper.from_array(order, f"{x}/split_order"),
-                                            numpy_helper.from_array(scale, f"{x}/split_scale")])
-            nodes += [helper.make_node("Gather", [x, f"{x}/split_order"], [f"{x}/split_gathered"],
-                                       name=f"{x}/split_Gather", axis=2),
-                      helper.make_node("Mul", [f"{x}/split_gathered", f"{x}/split_scale"], [f"{x}/split"],
-                                       name=f"{x}/split_Mul")]
-            shared[x] = (f"{x}/split", order)
-        split, order = shared[x]
+
+    def per_input(x: str, w: str, idx: list[int]):
+        peak = maxabs[x]
+        limit = target_ratio * float(np.median(peak))
+        copies = {j: int(np.ceil(peak[j] / limit)) for j in idx}
+        order = np.concatenate([np.arange(len(peak)), [j for j in idx for _ in range(copies[j] - 1)]]).astype(np.int64)
+        scale = np.array([1.0 / copies.get(int(j), 1) for j in order], np.float32)
+        model.graph.initializer.extend([numpy_helper.from_array(order, f"{x}/split_order"),
+                                        numpy_helper.from_array(scale, f"{x}/split_scale")])
+        return [helper.make_node("Gather", [x, f"{x}/split_order"], [f"{x}/split_gathered"],
+                                 name=f"{x}/split_Gather", axis=2),
+                helper.make_node("Mul", [f"{x}/split_gathered", f"{x}/split_scale"], [f"{x}/split"],
+                                 name=f"{x}/split_Mul")], (f"{x}/split", order)
+
+    def per_matmul(node, idx: list[int], made):
+        (split, order), w = made, node.input[1]
         rows = numpy_helper.to_array(weights[w])[order, :].astype(np.float32)
         model.graph.initializer.append(numpy_helper.from_array(rows, f"{w}/split_rows"))
         node.input[0], node.input[1] = split, f"{w}/split_rows"
-        nodes.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
+        return [node]
+
+    rewrite_matmuls(model, picks, per_input, per_matmul)
     return []
 
 
